@@ -1,0 +1,281 @@
+"""The configuration tree: one set of dataclasses for every run, loadable from YAML.
+
+Each node checks itself in ``validate()`` (called by the loader, children first), so a bad
+configuration fails with a clear message before anything is allocated. Cross-cutting checks that
+need the parallel layout live in `ExperimentConfig.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from cumo_megatron.config.loader import ConfigError
+
+TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct")
+SPECS = ("local", "te")
+IMAGE_TOKEN_ID = -200  # LLaVA's placeholder id; replaced by image features before the embedding
+
+
+@dataclass
+class MoEConfig:
+    """A sparse top-k MoE replacing an MLP: ``num_experts`` copies of its shape, top-k routing."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    balance_coeff: float = 0.1
+    z_loss_coeff: float = 0.01
+
+    def check(self, where: str) -> None:
+        """Reject impossible routing; ``where`` is this node's dotted path (``vision.moe``).
+
+        Called by the owning node's ``validate()``, which knows the path, so the message names
+        the exact field (the loader's tree walk does not pass paths to hooks).
+        """
+        if self.num_experts < 1:
+            raise ConfigError(f"{where}.num_experts must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(
+                f"{where}.top_k={self.top_k} must be between 1 and {where}.num_experts={self.num_experts}"
+            )
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT (OpenAI CLIP or OpenCLIP LAION) with optional CLIP-MoE and S2 multi-scale."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24  # layers of the source checkpoint
+    num_heads: int = 16
+    ffn_hidden_size: int = 4096
+    image_size: int = 336
+    patch_size: int = 14
+    layernorm_eps: float = 1e-5
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # Features come from this layer (negative: from the end; -2 = penultimate as in LLaVA/CuMo).
+    # Layers after it are not built.
+    feature_layer: int = -2
+    drop_cls: bool = True
+    moe: Optional[MoEConfig] = None
+    moe_layers: Optional[list[int]] = None  # indices of built layers that are MoE; None = all
+    s2_scales: list[int] = field(default_factory=lambda: [1])  # [1, 3] enables S2
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+    @property
+    def built_layers(self) -> int:
+        """Number of transformer layers actually built (up to the feature layer)."""
+        return self.feature_layer + 1 if self.feature_layer >= 0 else self.num_layers + 1 + self.feature_layer
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patch grid size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels the connector receives (concatenated over S2 scales)."""
+        return self.hidden_size * len(self.s2_scales)
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens spliced into the LLM sequence per image."""
+        return self.patches_per_side**2 + (0 if self.drop_cls else 1)
+
+    def moe_layer_indices(self) -> list[int]:
+        """Built-layer indices that carry an MoE MLP."""
+        if self.moe is None:
+            return []
+        return list(range(self.built_layers)) if self.moe_layers is None else list(self.moe_layers)
+
+    def validate(self) -> None:
+        """Shapes that a ViT can take."""
+        if self.moe is not None:
+            self.moe.check("vision.moe")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"vision.image_size={self.image_size} is not divisible by "
+                f"vision.patch_size={self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision.hidden_size={self.hidden_size} is not divisible by vision.num_heads={self.num_heads}"
+            )
+        if not 1 <= self.built_layers <= self.num_layers:
+            raise ConfigError(
+                f"vision.feature_layer={self.feature_layer} selects no layer of {self.num_layers}"
+            )
+        for index in self.moe_layers or []:
+            if not 0 <= index < self.built_layers:
+                raise ConfigError(
+                    f"vision.moe_layers has {index}, outside the {self.built_layers} built layers"
+                )
+        if not self.s2_scales or self.s2_scales[0] != 1 or any(s < 1 for s in self.s2_scales):
+            raise ConfigError(f"vision.s2_scales must start with 1 and be positive, got {self.s2_scales}")
+        if self.s2_scales != [1] and not self.drop_cls:
+            raise ConfigError("vision.s2_scales needs vision.drop_cls=true (the crops are stitched)")
+
+
+@dataclass
+class ConnectorConfig:
+    """The vision -> language connector: 2-layer GELU MLP (LLaVA's mlp2x_gelu) or its MoE."""
+
+    hidden_size: Optional[int] = None  # None: the language model's hidden size
+    moe: Optional[MoEConfig] = None
+
+    def validate(self) -> None:
+        """Routing of the MoE connector."""
+        if self.moe is not None:
+            self.moe.check("connector.moe")
+
+
+@dataclass
+class LanguageConfig:
+    """LLaMA-architecture LLM (Vicuna, Mistral) or Mixtral (``moe`` set)."""
+
+    arch: Literal["llama", "mistral", "mixtral"] = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None  # None: multi-head attention
+    ffn_hidden_size: int = 11008
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    moe: Optional[MoEConfig] = None
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (query groups)."""
+        return self.num_kv_heads or self.num_heads
+
+    def validate(self) -> None:
+        """Shapes a LLaMA-style model can take."""
+        if self.moe is not None:
+            self.moe.check("language.moe")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"language.hidden_size={self.hidden_size} is not divisible by "
+                f"language.num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"language.num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}"
+            )
+        if self.arch == "mixtral" and self.moe is None:
+            raise ConfigError("language.arch=mixtral needs language.moe (8 experts, top-2 for Mixtral)")
+
+
+@dataclass
+class ModelConfig:
+    """The whole CuMo model and how it is built."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    spec: str = "local"  # "local" (runs anywhere) or "te" (Transformer Engine, GPU)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # TE spec only
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    recompute: Optional[Literal["full", "selective"]] = None
+    token_dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"  # auto: alltoall on GPU
+    init_std: float = 0.02
+    image_token_id: int = IMAGE_TOKEN_ID
+
+    @property
+    def connector_hidden(self) -> int:
+        """Connector hidden and output width."""
+        return self.connector.hidden_size or self.language.hidden_size
+
+    def validate(self) -> None:
+        """Model-level consistency."""
+        if self.spec not in SPECS:
+            raise ConfigError(f"model.spec={self.spec!r} is unknown; choose one of {', '.join(SPECS)}")
+        if self.fp8 is not None and self.spec != "te":
+            raise ConfigError("model.fp8 needs model.spec=te (Transformer Engine)")
+        if self.connector_hidden != self.language.hidden_size:
+            raise ConfigError(
+                f"connector output width {self.connector_hidden} must equal "
+                f"language.hidden_size={self.language.hidden_size}"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor, pipeline, expert (and expert-tensor) parallel sizes; DP is what the world leaves."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (MoE requires it)
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        """Resolved sequence-parallel switch."""
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def validate(self) -> None:
+        """Positive sizes."""
+        for name in ("tp", "pp", "ep"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Data options known to the model issue: the prompt template (more arrives with training)."""
+
+    template: str = "vicuna_v1"
+
+    def validate(self) -> None:
+        """Known templates only."""
+        if self.template not in TEMPLATES:
+            raise ConfigError(
+                f"data.template={self.template!r} is unknown; choose one of {', '.join(TEMPLATES)}"
+            )
+
+
+@dataclass
+class ExperimentConfig:
+    """Root of the tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 1234
+
+    def validate(self) -> None:
+        """Checks that need both the model and the parallel layout."""
+        check_parallel_layout(self.model, self.parallel)
+
+
+def check_parallel_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Raise `ConfigError` if ``model`` cannot be split as ``parallel`` asks."""
+    lang, tp = model.language, parallel.tp
+    if lang.num_heads % tp:
+        raise ConfigError(f"language.num_heads={lang.num_heads} is not divisible by parallel.tp={tp}")
+    if lang.kv_heads % tp:
+        raise ConfigError(f"language.num_kv_heads={lang.kv_heads} is not divisible by parallel.tp={tp}")
+    if lang.ffn_hidden_size % tp:
+        raise ConfigError(f"language.ffn_hidden_size={lang.ffn_hidden_size} is not divisible by parallel.tp={tp}")
+    if lang.vocab_size % tp:
+        raise ConfigError(f"language.vocab_size={lang.vocab_size} is not divisible by parallel.tp={tp}")
+    if lang.num_layers % parallel.pp:
+        raise ConfigError(
+            f"language.num_layers={lang.num_layers} is not divisible by parallel.pp={parallel.pp}"
+        )
+    # The vision experts are spread over EP only at TP = 1; at TP > 1 they stay local
+    # (`models.transformer_configs.vision_uses_expert_parallel`), whatever parallel.ep is.
+    vision_moe = model.vision.moe if tp == 1 else None
+    for name, moe in (("language", lang.moe), ("vision", vision_moe)):
+        if moe is not None and moe.num_experts % parallel.ep:
+            raise ConfigError(
+                f"{name}.moe.num_experts={moe.num_experts} is not divisible by parallel.ep={parallel.ep}"
+            )
+    if parallel.ep > 1 and lang.moe is None and model.vision.moe is None:
+        raise ConfigError("parallel.ep > 1 needs an MoE module (vision.moe or language.moe)")
+    if tp > 1 and not parallel.use_sequence_parallel and (lang.moe is not None):
+        raise ConfigError("MoE with parallel.tp > 1 requires sequence parallelism (megatron-core)")

@@ -1,0 +1,168 @@
+"""Translate our `ModelConfig` into megatron-core `TransformerConfig`s for each sub-model."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from megatron.core.activations import quick_gelu
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from cumo_megatron.config.schema import MoEConfig, ModelConfig, ParallelConfig
+from cumo_megatron.platform import cpu
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SHAPE_ONLY = False
+
+
+@contextlib.contextmanager
+def shape_only_build() -> Iterator[None]:
+    """Within the block, configs ask megatron for weights without initialisation or a device.
+
+    ``use_cpu_initialization`` makes megatron create weights with ``torch.empty`` and no device
+    argument (otherwise it names the CUDA device, which a surrounding ``torch.device("meta")``
+    cannot override), and ``perform_initialization=False`` skips its init kernels. Wrapped in
+    ``with torch.device("meta")`` this builds any model size without allocating memory
+    (`cumo_megatron.models.params.count_from_config`). Weights built this way are garbage:
+    only their shapes are meaningful.
+    """
+    global _SHAPE_ONLY
+    previous, _SHAPE_ONLY = _SHAPE_ONLY, True
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY = previous
+
+
+def _common(model: ModelConfig) -> dict:
+    dtype = _DTYPES[model.precision]
+    fields = dict(
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=model.precision == "bf16",
+        fp16=model.precision == "fp16",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        # Fusions are CUDA kernels or assume shapes we do not have; TE fuses on the GPU path.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        moe_permute_fusion=False,
+    )
+    if model.fp8 is not None:
+        fields.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
+    if model.recompute == "full":
+        fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif model.recompute == "selective":
+        fields.update(recompute_granularity="selective")
+    fields.update(cpu.transformer_config_overrides())
+    if _SHAPE_ONLY:
+        fields.update(use_cpu_initialization=True, perform_initialization=False)
+    return fields
+
+
+def _dispatcher(model: ModelConfig) -> str:
+    if model.token_dispatcher != "auto":
+        return model.token_dispatcher
+    # The all-to-all dispatcher creates a CUDA stream; all-gather runs everywhere.
+    return "alltoall" if cpu.cuda_available() else "allgather"
+
+
+def _moe_fields(model: ModelConfig, moe: MoEConfig | None, ffn: int) -> dict:
+    if moe is None:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.top_k,
+        moe_ffn_hidden_size=ffn,
+        moe_token_dispatcher_type=_dispatcher(model),
+        moe_grouped_gemm=model.spec == "te",
+        moe_router_load_balancing_type="none",  # our router computes CuMo's losses itself
+        moe_aux_loss_coeff=0.0,
+    )
+
+
+def vision_uses_expert_parallel(parallel: ParallelConfig) -> bool:
+    """The vision tower is replicated over TP ranks; its experts use EP only when TP == 1.
+
+    CLIP-L/336 has 577 tokens, which sequence parallelism cannot split evenly, and megatron's MoE
+    layer refuses TP > 1 without SP. Replicating the ViT over TP keeps its tokens whole; at TP > 1
+    the tokens of TP peers are identical, so spreading experts over an EP group that contains TP
+    peers would count tokens twice, and the vision experts stay local (dense-like) instead.
+    """
+    return parallel.tp == 1 and parallel.ep > 1
+
+
+def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """ViT layers: LayerNorm, biased linears, quick_gelu/gelu MLP, no mask; TP = 1 (replicated)."""
+    vision = model.vision
+    fields = _common(model)
+    fields.update(
+        num_layers=vision.built_layers,
+        hidden_size=vision.hidden_size,
+        num_attention_heads=vision.num_heads,
+        ffn_hidden_size=vision.ffn_hidden_size,
+        kv_channels=vision.hidden_size // vision.num_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=vision.layernorm_eps,
+        activation_func=quick_gelu if vision.activation == "quick_gelu" else torch.nn.functional.gelu,
+        gated_linear_unit=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        tensor_model_parallel_size=1,
+        sequence_parallel=False,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=parallel.ep if vision_uses_expert_parallel(parallel) else 1,
+        expert_tensor_parallel_size=1,
+    )
+    fields.update(_moe_fields(model, vision.moe, vision.ffn_hidden_size))
+    return TransformerConfig(**fields)
+
+
+def connector_transformer_config(model: ModelConfig) -> TransformerConfig:
+    """Config handed to the connector's router (hidden size = connector input width)."""
+    moe = model.connector.moe
+    fields = _common(model)
+    fields.update(
+        num_layers=1,
+        hidden_size=model.vision.feature_channels,
+        num_attention_heads=1,
+        ffn_hidden_size=model.connector_hidden,
+        add_bias_linear=True,
+        tensor_model_parallel_size=1,
+        sequence_parallel=False,
+    )
+    fields.update(_moe_fields(model, moe, model.connector_hidden))
+    return TransformerConfig(**fields)
+
+
+def language_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """LLaMA/Mistral/Mixtral: RMSNorm, SwiGLU, RoPE, GQA, no biases; full TP/SP/PP/EP."""
+    lang = model.language
+    fields = _common(model)
+    fields.update(
+        num_layers=lang.num_layers,
+        hidden_size=lang.hidden_size,
+        num_attention_heads=lang.num_heads,
+        num_query_groups=lang.kv_heads,
+        ffn_hidden_size=lang.ffn_hidden_size,
+        kv_channels=lang.hidden_size // lang.num_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=lang.rms_norm_eps,
+        activation_func=torch.nn.functional.silu,
+        gated_linear_unit=True,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        tensor_model_parallel_size=parallel.tp,
+        sequence_parallel=parallel.use_sequence_parallel,
+        pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep if lang.moe is not None else 1,
+        expert_tensor_parallel_size=parallel.etp,
+    )
+    fields.update(_moe_fields(model, lang.moe, lang.ffn_hidden_size))
+    return TransformerConfig(**fields)

@@ -1,0 +1,1 @@
+"""Training machinery on megatron-core: DDP wrapping, forward/backward steps, optimizer."""

@@ -1,0 +1,55 @@
+"""Rank-side halves of `test_parallel_equivalence.py` (run under `run_distributed`)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+
+import cumo_megatron.platform as platform
+from cumo_megatron.config.presets import tiny
+from cumo_megatron.config.schema import ParallelConfig
+from cumo_megatron.models.cumo import build_model
+from cumo_megatron.training.step import forward_backward, wrap_ddp
+
+
+def equivalence_model_config():
+    """Full CuMo: CLIP-MoE, MoE connector, Mixtral-style LLM (shared with the test)."""
+    return tiny(moe=True, llm_moe=True)
+
+
+def save_gradients(model, out_dir: str) -> None:
+    """Write each parameter's reduced gradient as a distributed checkpoint of the model's layout.
+
+    Loading it with a world-of-one model as template gathers the gradients, whatever the layout.
+    """
+    for param in model.parameters():
+        param.data.copy_(param.main_grad)
+    os.makedirs(out_dir, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), out_dir)
+
+
+def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_dir: str, seq_length: int):
+    """Load ``weights`` at the layout, run the micro-batches of this DP rank, save gradients.
+
+    Returns the LM loss averaged over data-parallel ranks (None off the last pipeline stage).
+    """
+    platform.initialize(platform.ParallelSizes(tp=tp, pp=pp, ep=ep), seed=7)
+    parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
+    model = build_model(equivalence_model_config(), parallel)
+    state = dist_checkpointing.load(model.sharded_state_dict(), weights)
+    model.load_state_dict(state)
+    ddp = wrap_ddp(model)
+    microbatches = torch.load(batches, weights_only=False)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    mine = microbatches[dp_rank::dp_size]
+    ddp.zero_grad_buffer()
+    loss = forward_backward(ddp, mine, len(mine), seq_length=seq_length, micro_batch_size=1)
+    save_gradients(model, out_dir)
+    if loss is None:
+        return {"loss": None}
+    loss_t = torch.tensor([loss], dtype=torch.float64)
+    torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
+    return {"loss": float(loss_t) / dp_size}
