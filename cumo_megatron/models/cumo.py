@@ -124,6 +124,22 @@ class CuMoModel(MegatronModule):
         )
 
 
+def broadcast_tp_replicas(model: CuMoModel) -> None:
+    """Make the TP-replicated vision tower and connector identical on every TP rank.
+
+    On GPU megatron initialises weights under the model-parallel RNG stream, which differs per TP
+    rank; replicated sub-models must start (and therefore stay) identical.
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 or not model.pre_process:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    with torch.no_grad():
+        for module in (model.vision, model.connector):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                torch.distributed.broadcast(tensor.data, src=src, group=group)
+
+
 def build_model(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -139,10 +155,12 @@ def build_model(
             f"{parallel_state.get_tensor_model_parallel_world_size()} pp="
             f"{parallel_state.get_pipeline_model_parallel_world_size()}"
         )
-    return CuMoModel(
+    built = CuMoModel(
         model,
         parallel,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
         post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         vp_stage=vp_stage,
     )
+    broadcast_tp_replicas(built)
+    return built

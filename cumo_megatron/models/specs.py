@@ -82,6 +82,13 @@ def _local_mlp(router: RouterSettings | None) -> ModuleSpec:
 
 def _te_layer(mask_type: AttnMaskType, router: RouterSettings | None) -> ModuleSpec:
     # Imported here: Transformer Engine exists only on GPU machines. Not run on our CPU CI.
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "model.spec=te needs Transformer Engine (a GPU machine and `pip install -e .[gpu]`); "
+            "use model.spec=local on CPU"
+        ) from error
     from megatron.core.extensions.transformer_engine import (
         TEDotProductAttention,
         TELayerNormColumnParallelLinear,

@@ -84,6 +84,9 @@ def _moe_fields(model: ModelConfig, moe: MoEConfig | None, ffn: int) -> dict:
         moe_grouped_gemm=model.spec == "te",
         moe_router_load_balancing_type="none",  # our router computes CuMo's losses itself
         moe_aux_loss_coeff=0.0,
+        # megatron insists on pre-softmax routing for top-1; our router ignores the flag (for
+        # top-1 the renormalised weight is 1 either way).
+        moe_router_pre_softmax=moe.top_k == 1,
     )
 
 

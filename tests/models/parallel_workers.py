@@ -38,6 +38,7 @@ def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_di
     platform.initialize(platform.ParallelSizes(tp=tp, pp=pp, ep=ep), seed=7)
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
     model = build_model(equivalence_model_config(), parallel)
+    replicas_identical = _tp_replicas_identical(model)
     state = dist_checkpointing.load(model.sharded_state_dict(), weights)
     model.load_state_dict(state)
     ddp = wrap_ddp(model)
@@ -49,7 +50,22 @@ def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_di
     loss = forward_backward(ddp, mine, len(mine), seq_length=seq_length, micro_batch_size=1)
     save_gradients(model, out_dir)
     if loss is None:
-        return {"loss": None}
+        return {"loss": None, "replicas_identical": replicas_identical}
     loss_t = torch.tensor([loss], dtype=torch.float64)
     torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
-    return {"loss": float(loss_t) / dp_size}
+    return {"loss": float(loss_t) / dp_size, "replicas_identical": replicas_identical}
+
+
+def _tp_replicas_identical(model) -> bool:
+    """Whether the TP-replicated vision tower and connector are equal across TP ranks."""
+    if not model.pre_process:
+        return True
+    group = parallel_state.get_tensor_model_parallel_group()
+    for tensor in list(model.vision.parameters()) + list(model.connector.parameters()):
+        lowest = tensor.detach().clone()
+        highest = tensor.detach().clone()
+        torch.distributed.all_reduce(lowest, op=torch.distributed.ReduceOp.MIN, group=group)
+        torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX, group=group)
+        if not torch.equal(lowest, highest):
+            return False
+    return True

@@ -80,6 +80,7 @@ def test_layout_matches_world_of_one(reference, layout):
         args=dict(layout, weights=reference["weights"], batches=str(reference["tmp"] / "batches.pt"),
                   out_dir=grads_dir, seq_length=SEQ),
     )
+    assert all(r["replicas_identical"] for r in results), "TP replicas of vision/connector differ"
     losses = [r["loss"] for r in results if r["loss"] is not None]
     assert losses, "no rank reported a loss"
     for loss in losses:
