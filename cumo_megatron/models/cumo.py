@@ -105,7 +105,7 @@ class CuMoModel(MegatronModule):
         attention_mask: Optional[torch.Tensor] = None,
         inference_context=None,
     ) -> torch.Tensor:
-        """Per-token LM loss ``[b, s]`` when ``labels`` are given, else logits ``[s, b, vocab/tp]``.
+        """Per-token LM loss ``[b, s]`` when ``labels`` are given, else logits ``[b, s, vocab/tp]``.
 
         ``labels[b, t]`` is the token expected after position t (already shifted by the data).
         """
