@@ -93,6 +93,12 @@ def run(cfg: DemoConfig) -> list[dict]:
     data = synthetic_microbatches(cfg, cfg.num_microbatches * dp)
     mine = data[parallel_state.get_data_parallel_rank()::dp]
     rows = []
+    # One rank that sees the loss reports: the last pipeline stage's first TP/DP rank.
+    reporter = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_data_parallel_rank() == 0
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+    )
     if rank0:
         print(f"parameters (this rank): total {counts.total.total:,}, active {counts.total.active:,}", file=sys.stderr)
     for step in range(1, cfg.steps + 1):
@@ -107,15 +113,16 @@ def run(cfg: DemoConfig) -> list[dict]:
         row.update({f"{name}_z_loss": v["z_loss"] for name, v in moe["modules"].items()})
         row["tokens_per_expert"] = moe["layers"]
         rows.append(row)
-        if rank0 and loss is not None:
-            print(f"step {step:3d}  lm_loss {loss:.4f}  grad_norm {grad_norm:.3f}", file=sys.stderr)
-    if rank0 or parallel_state.is_pipeline_last_stage():
-        if parallel_state.is_pipeline_last_stage() and parallel_state.get_data_parallel_rank() == 0 and (
-            parallel_state.get_tensor_model_parallel_rank() == 0
-        ):
-            with open(out / "metrics.jsonl", "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+        if reporter:
+            aux = "  ".join(
+                f"{name} bal {v['balance']:.3f} z {v['z_loss']:.3f}" for name, v in moe["modules"].items()
+            )
+            print(f"step {step:3d}  lm_loss {loss:.4f}  grad_norm {grad_norm:.3f}  {aux}", file=sys.stderr)
+    if reporter:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "metrics.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
     platform.destroy()
     return rows
 
