@@ -1,0 +1,279 @@
+"""Original CuMo releases (SHI-Labs/CuMo: LLaVA-Mistral / LLaVA-Mixtral directories) <-> our CuMoModel.
+
+A release directory holds one checkpoint (sharded safetensors + index) with three modules side by
+side, and a ``config.json`` that is the LLM's config plus LLaVA/CuMo fields::
+
+    model.embed_tokens / model.layers.N.* / model.norm / lm_head   the LLM (HF names)
+    model.vision_tower.vision_model.*                              CLIP(-MoE): `adapters.vision`
+    model.mm_projector.{gate, experts.J.{0,2}}.*                   MLP-MoE connector: `adapters.connector`
+
+    config.json: model_type llava_mistral | llava_mixtral | llava_llama, mm_projector_type
+    (smoe_mlp | mlp2x_gelu), num_experts, num_selected, scales (S2), mm_vision_select_layer,
+    mm_vision_select_feature, mm_hidden_size (the CLIP width), clip_smoe, mlp_smoe,
+    balance_loss_coef, router_z_loss_coef, mm_vision_tower (the CLIP checkpoint's hub id or path)
+
+The CLIP's shape is not in the release: it comes from the CLIP checkpoint ``mm_vision_tower``
+names (or ``clip_dir``), or, for the hub ids CuMo used, from a built-in table.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from cumo_megatron.checkpoint.adapters.common import CheckpointError
+from cumo_megatron.checkpoint.adapters.connector import connector_to_megatron, megatron_to_connector
+from cumo_megatron.checkpoint.adapters.language import (
+    hf_config_from_language,
+    hf_lm_to_megatron,
+    hf_lm_unused_keys,
+    language_config_from_hf,
+    megatron_to_hf_lm,
+)
+from cumo_megatron.checkpoint.adapters.vision import (
+    clip_to_megatron,
+    clip_unused_keys,
+    megatron_to_clip,
+    vision_config_from_hf,
+)
+from cumo_megatron.checkpoint.io import read_json
+from cumo_megatron.config.schema import ConnectorConfig, MoEConfig, ModelConfig, VisionConfig
+
+VISION_PREFIX = "model.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+RELEASE_MODEL_TYPES = ("llava", "llava_llama", "llava_mistral", "llava_mixtral")
+PROJECTOR_TYPES = {"smoe_mlp": "cumo_release", "mlp2x_gelu": "llava"}
+
+# The CLIPs CuMo and LLaVA name by hub id (their config.json, as published): usable without a copy.
+KNOWN_CLIP_TOWERS = {
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024, num_layers=24, num_heads=16, ffn_hidden_size=4096, image_size=336, patch_size=14,
+        layernorm_eps=1e-5, activation="quick_gelu",
+    ),
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=1024, num_layers=24, num_heads=16, ffn_hidden_size=4096, image_size=224, patch_size=14,
+        layernorm_eps=1e-5, activation="quick_gelu",
+    ),
+}
+
+
+def _release_config(directory: Union[str, Path, Mapping]) -> tuple[dict, str]:
+    if isinstance(directory, Mapping):
+        return dict(directory), "release config"
+    config = read_json(directory, "config.json")
+    return config, str(Path(directory) / "config.json")
+
+
+def _scales(config: dict, where: str) -> list[int]:
+    scales = config.get("scales") or [1]
+    out = []
+    for scale in scales:
+        if float(scale) != int(scale):
+            raise CheckpointError(f"{where}: scales={scales}; only integer S2 scales are supported")
+        out.append(int(scale))
+    return out
+
+
+def _vision_config(config: dict, where: str, clip_dir, moe: Optional[MoEConfig]) -> VisionConfig:
+    select_feature = config.get("mm_vision_select_feature", "patch")
+    if select_feature not in ("patch", "cls_patch"):
+        raise CheckpointError(f"{where}: mm_vision_select_feature={select_feature!r}; expected 'patch' or 'cls_patch'")
+    overrides = dict(
+        feature_layer=int(config.get("mm_vision_select_layer", -2)),
+        drop_cls=select_feature == "patch",
+        moe=moe,
+        s2_scales=_scales(config, where),
+    )
+    tower = clip_dir if clip_dir is not None else config.get("mm_vision_tower")
+    if tower is None:
+        raise CheckpointError(f"{where}: no mm_vision_tower; pass clip_dir= (the CLIP checkpoint directory)")
+    tower_path = Path(tower)
+    if (tower_path / "config.json").is_file():
+        vision = vision_config_from_hf(
+            read_json(tower_path, "config.json"),
+            preprocessor=read_json(tower_path, "preprocessor_config.json", required=False),
+            **overrides,
+        )
+    elif clip_dir is None and str(tower) in KNOWN_CLIP_TOWERS:
+        vision = VisionConfig(**KNOWN_CLIP_TOWERS[str(tower)], **overrides)
+        vision.validate()
+    else:
+        raise CheckpointError(
+            f"{where}: mm_vision_tower={tower!r} is neither a local CLIP checkpoint directory (with "
+            f"config.json) nor one of the known hub ids {sorted(KNOWN_CLIP_TOWERS)}; pass clip_dir= "
+            "(a local copy of that CLIP)"
+        )
+    mm_hidden = config.get("mm_hidden_size")
+    if mm_hidden is not None and int(mm_hidden) != vision.hidden_size:
+        raise CheckpointError(
+            f"{where}: mm_hidden_size={mm_hidden} but the CLIP ({tower}) has hidden_size={vision.hidden_size}"
+        )
+    return vision
+
+
+def model_config_from_release(
+    directory: Union[str, Path, Mapping],
+    clip_dir: Union[str, Path, None] = None,
+    allow_sliding_window: bool = False,
+) -> ModelConfig:
+    """Our `ModelConfig` for a CuMo release directory (or its ``config.json`` as a dict).
+
+    Vision: the CLIP named by ``mm_vision_tower`` (``clip_dir`` overrides it: releases name a hub
+    id), features from ``mm_vision_select_layer``, CLS dropped for ``mm_vision_select_feature:
+    patch``, S2 ``scales``, CLIP-MoE (``clip_smoe``) with ``num_experts`` / ``num_selected`` on every
+    built layer. Connector: ``smoe_mlp`` (MoE) or ``mlp2x_gelu`` (dense). LLM: from the LLM fields
+    (`language_config_from_hf`). Every MoE module takes ``balance_loss_coef`` /
+    ``router_z_loss_coef`` (CuMo applies them to the Mixtral LLM's routers too). Precision stays
+    the `ModelConfig` default; set it for training.
+    """
+    config, where = _release_config(directory)
+    model_type = config.get("model_type")
+    if model_type not in RELEASE_MODEL_TYPES:
+        raise CheckpointError(
+            f"{where}: model_type={model_type!r} is not a LLaVA/CuMo release ({', '.join(RELEASE_MODEL_TYPES)})"
+        )
+    projector = config.get("mm_projector_type", "linear")
+    if projector not in PROJECTOR_TYPES:
+        raise CheckpointError(
+            f"{where}: mm_projector_type={projector!r}; supported: {', '.join(PROJECTOR_TYPES)}"
+        )
+    if config.get("mm_patch_merge_type", "flat") != "flat":
+        raise CheckpointError(f"{where}: mm_patch_merge_type={config['mm_patch_merge_type']!r}; only 'flat' is supported")
+    balance = float(config.get("balance_loss_coef", MoEConfig.balance_coeff))
+    z_loss = float(config.get("router_z_loss_coef", MoEConfig.z_loss_coeff))
+
+    def cumo_moe() -> MoEConfig:
+        if config.get("num_experts") is None:
+            raise CheckpointError(f"{where}: clip_smoe / smoe_mlp need num_experts (and num_selected)")
+        moe = MoEConfig(
+            num_experts=int(config["num_experts"]),
+            top_k=int(config.get("num_selected", 2)),
+            balance_coeff=balance,
+            z_loss_coeff=z_loss,
+        )
+        moe.check("release")
+        return moe
+
+    language = language_config_from_hf(config, allow_sliding_window=allow_sliding_window)
+    if language.moe is not None:
+        language.moe.balance_coeff, language.moe.z_loss_coeff = balance, z_loss
+    vision = _vision_config(config, where, clip_dir, cumo_moe() if config.get("clip_smoe") else None)
+    connector = ConnectorConfig(moe=cumo_moe() if projector == "smoe_mlp" else None)
+    model = ModelConfig(vision=vision, connector=connector, language=language)
+    model.validate()
+    return model
+
+
+def _projector_layout(model_cfg: ModelConfig) -> str:
+    return "cumo_release" if model_cfg.connector.moe is not None else "llava"
+
+
+def release_to_megatron(
+    src: Mapping[str, torch.Tensor], model_cfg: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the whole CuMoModel (``vision.vit.*``, ``connector.*``, ``language_model.*``) from a
+    release checkpoint (e.g. ``open_checkpoint(release_dir)``).
+
+    All three adapters check the source's structure against ``model_cfg`` before anything is
+    read; tensors are then read one at a time. The release's unused tensors (ViT layers after the
+    feature layer, ``post_layernorm``, ...) are listed by `release_unused_keys`.
+    """
+    vision = clip_to_megatron(src, model_cfg.vision, layout="cumo_release", prefix="vision.vit.")
+    connector = connector_to_megatron(src, model_cfg, layout=_projector_layout(model_cfg), prefix="connector.")
+    language = hf_lm_to_megatron(src, model_cfg.language, prefix="language_model.", hf_prefix="")
+    return itertools.chain(vision, connector, language)
+
+
+def release_unused_keys(src_keys: Iterable[str], model_cfg: ModelConfig) -> list[str]:
+    """Release keys that `release_to_megatron` does not read, in source order.
+
+    Pass ``{k: src[k] for k in release_unused_keys(src.keys(), cfg)}`` as `megatron_to_release`'s
+    ``passthrough`` for a bit-exact round trip.
+    """
+    keys = list(src_keys)
+    unused = set(clip_unused_keys(keys, model_cfg.vision, layout="cumo_release"))
+    unused.update(hf_lm_unused_keys(keys, model_cfg.language, hf_prefix=""))
+    # The connector adapter refuses unknown tensors under the projector, so none are unused there;
+    # anything outside the three modules is.
+    unused.update(k for k in keys if not k.startswith(("model.", "lm_head.")))
+    return [k for k in keys if k in unused]
+
+
+def megatron_to_release(
+    src: Mapping[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    passthrough: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream our CuMoModel's state dict in the release layout: LLM, vision tower, projector
+    (the release's order), then the ``passthrough`` tensors that belong to none of them.
+
+    ``passthrough`` (see `release_unused_keys`) must not hold tensors the model writes. Pair the
+    weights with `release_config` for a complete directory.
+    """
+    passthrough = dict(passthrough or {})
+    vision_extra = {k: v for k, v in passthrough.items() if k.startswith(VISION_PREFIX)}
+    lm_extra = {k: v for k, v in passthrough.items() if not k.startswith(VISION_PREFIX)}
+    language = megatron_to_hf_lm(src, model_cfg.language, hf_prefix="", prefix="language_model.", passthrough=lm_extra)
+    vision = megatron_to_clip(src, model_cfg.vision, layout="cumo_release", passthrough=vision_extra, prefix="vision.vit.")
+    connector = megatron_to_connector(
+        src, model_cfg, layout=_projector_layout(model_cfg), source_prefix=PROJECTOR_PREFIX, prefix="connector."
+    )
+    return itertools.chain(language, vision, connector)
+
+
+_LLAVA_NAMES = {
+    "llama": ("llava_llama", "LlavaLlamaForCausalLM"),
+    "mistral": ("llava_mistral", "LlavaMistralForCausalLM"),
+    "mixtral": ("llava_mixtral", "LlavaMixtralForCausalLM"),
+}
+
+
+def release_config(
+    model_cfg: ModelConfig,
+    base: Optional[Mapping] = None,
+    vision_tower: Optional[str] = None,
+    dtype: str = "float32",
+) -> dict:
+    """A release ``config.json`` describing ``model_cfg`` (the inverse of `model_config_from_release`).
+
+    ``base`` (the original release config) keeps the fields we do not model (tokenizer settings,
+    training flags); ``vision_tower`` sets ``mm_vision_tower`` (default: ``base``'s, else CuMo's
+    ``openai/clip-vit-large-patch14-336``).
+    """
+    vision, connector = model_cfg.vision, model_cfg.connector
+    moes = [m for m in (vision.moe, connector.moe) if m is not None]
+    if len({(m.num_experts, m.top_k, m.balance_coeff, m.z_loss_coeff) for m in moes}) > 1:
+        raise CheckpointError(
+            "a release config has one num_experts / num_selected / loss coefficients for the vision and "
+            f"connector MoEs, but they differ: vision.moe={vision.moe}, connector.moe={connector.moe}"
+        )
+    if vision.moe is not None and vision.moe_layers is not None and sorted(vision.moe_layers) != list(range(vision.built_layers)):
+        raise CheckpointError("a release's CLIP-MoE covers every layer; vision.moe_layers selects a subset")
+    base = dict(base or {})
+    out = hf_config_from_language(model_cfg.language, base=base, dtype=dtype)
+    model_type, arch = _LLAVA_NAMES[model_cfg.language.arch]
+    out.update(
+        model_type=model_type,
+        architectures=[arch],
+        mm_projector_type="smoe_mlp" if connector.moe is not None else "mlp2x_gelu",
+        mm_hidden_size=vision.hidden_size,
+        mm_vision_select_layer=vision.feature_layer,
+        mm_vision_select_feature="patch" if vision.drop_cls else "cls_patch",
+        mm_vision_tower=vision_tower or base.get("mm_vision_tower") or "openai/clip-vit-large-patch14-336",
+        mm_patch_merge_type="flat",
+        scales=list(vision.s2_scales),
+        clip_smoe=vision.moe is not None,
+        mlp_smoe=connector.moe is not None,
+    )
+    if moes:
+        out.update(
+            num_experts=moes[0].num_experts,
+            num_selected=moes[0].top_k,
+            balance_loss_coef=moes[0].balance_coeff,
+            router_z_loss_coef=moes[0].z_loss_coeff,
+        )
+    return out
