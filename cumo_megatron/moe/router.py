@@ -108,11 +108,14 @@ class CuMoRouter(MegatronModule):
 
         valid_sb = padding_mask.bool() if padding_mask is not None else None
         wants_aux = self.settings.balance_coeff != 0.0 or self.settings.z_loss_coeff != 0.0
-        if wants_aux or not self.training:
+        # Under activation recompute a training forward runs twice: once without grad (discarded)
+        # and again in backward. Count it once, on the pass that builds the graph.
+        counts = not self.training or torch.is_grad_enabled()
+        if counts:
             probs_te = self._attach_aux_losses(
                 probs_te, logits_sbe, probs_sbe, experts_tk[:, 0].view(s, b), valid_sb, wants_aux
             )
-        self._record_load(routing_map_te, valid_sb)
+            self._record_load(routing_map_te, valid_sb)
         return probs_te.to(hidden_sbh.dtype), routing_map_te
 
     def _attach_aux_losses(self, probs_te, logits_sbe, probs_sbe, top1_sb, valid_sb, wants_aux):
