@@ -11,6 +11,8 @@ host `activate()` installs the following ways round, each tested in `tests/platf
 4. A `TorchFunctionMode` maps ``device="cuda"`` (and integer device indices) in factory calls and
    ``.to()`` to the CPU, makes ``Tensor.cuda()`` return the tensor, and reports a CPU tensor's
    ``.type()`` in its ``torch.cuda.`` form, which megatron's optimizer and DDP code compare against.
+   It stays active through the backward pass (hooks, ``autograd.Function.backward``, recompute),
+   in the thread that called `activate()` (torch-function modes are per thread).
 
 On a machine with CUDA none of this is installed and the stock megatron-core + TE path runs.
 """
@@ -61,10 +63,22 @@ _CUDA_TYPE_NAMES = {
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Redirect CUDA placements to the CPU for code written with CUDA literals."""
+    """Redirect CUDA placements to the CPU for code written with CUDA literals.
+
+    A mode is popped while it handles a call, and torch routes ``Tensor.backward`` and
+    ``torch.autograd.backward`` through torch-function handling; without care the whole backward
+    pass (autograd hooks such as DDP's, ``autograd.Function.backward``, activation recompute)
+    would run without the mode. Backward calls are therefore re-run with the mode pushed again.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.backward:
+            with self:  # dispatches again, as torch.autograd.backward, to the branch below
+                return _tensor_backward(*args, **kwargs)
+        if func is torch.autograd.backward and _HAVE_ENGINE_BACKWARD:
+            with self:
+                return _engine_backward(*args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -75,6 +89,33 @@ class CudaToCpuMode(TorchFunctionMode):
         elif "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs = dict(kwargs, device=_CPU)
         return func(*args, **kwargs)
+
+
+def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+    # Tensor.backward's own body, which forwards to torch.autograd.backward.
+    torch.autograd.backward(tensor, gradient, retain_graph, create_graph, inputs=inputs)
+
+
+try:
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    _HAVE_ENGINE_BACKWARD = True
+except ImportError:  # another torch: the backward pass then runs without the mode
+    _HAVE_ENGINE_BACKWARD = False
+
+
+def _engine_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    # The rest of torch.autograd.backward after its torch-function check (torch 2.14); torch has
+    # already normalised ``tensors`` and ``inputs`` to tuples when it hands the call to a mode.
+    grads = _tensor_or_tensors_to_tuple(grad_tensors, len(tensors))
+    grads = _make_grads(tensors, grads, is_grads_batched=False)
+    if retain_graph is None:
+        retain_graph = create_graph
+    _engine_run_backward(
+        tensors, grads, retain_graph, create_graph, tuple(inputs or ()),
+        allow_unreachable=True, accumulate_grad=True,
+    )
 
 
 def _cpu_to_args(args, kwargs):

@@ -7,11 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     """Initialise gloo, call the target with its arguments, save its result for the parent."""
+    # Imported here, not at module level: megatron's checkpoint writer spawns a process that
+    # re-imports this file as __main__, and should not pay for torch there.
+    import torch
+
     target, args_file, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     from cumo_megatron.platform.distributed import destroy, init_process_group
 

@@ -196,6 +196,42 @@ def test_type_reports_cuda_names():
     assert torch.ones(2).type(torch.float64).dtype == torch.float64
 
 
+class _CudaLiteralsInBackward(torch.autograd.Function):
+    """Doubles its input; its backward uses CUDA literals, as megatron's autograd functions may."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        scale = torch.full((1,), 2.0, device="cuda")
+        assert grad.type() == "torch.cuda.FloatTensor"
+        return grad * scale.cuda()
+
+
+@pytest.mark.parametrize("entry", ["Tensor.backward", "torch.autograd.backward"])
+def test_mode_stays_active_during_backward(entry):
+    """Autograd Function.backward and grad hooks run under the mode (a mode pops itself while it
+    handles the backward call, so without re-entry the whole backward pass would lose it)."""
+    x = torch.ones(3, requires_grad=True)
+    seen_in_hook = []
+    x.register_hook(lambda g: seen_in_hook.append(torch.zeros(1, device="cuda").device.type))
+    y = _CudaLiteralsInBackward.apply(x)
+    upstream = torch.tensor([1.0, 2.0, 3.0])
+    if entry == "Tensor.backward":
+        y.backward(upstream, retain_graph=True, inputs=[x])
+    else:
+        torch.autograd.backward([y], [upstream], retain_graph=True, inputs=(x,))
+    torch.testing.assert_close(x.grad, 2 * upstream, rtol=0, atol=0)
+    assert seen_in_hook == ["cpu"]
+    # Scalar outputs still get their implicit gradient; the mode is still installed afterwards.
+    x.grad = None
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((3,), 2.0), rtol=0, atol=0)
+    assert any(isinstance(m, cpu.CudaToCpuMode) for m in torch.overrides._get_current_function_mode_stack())
+
+
 def test_megatron_grad_norm_and_clipping():
     """get_grad_norm_fp32 ('cuda' literals) and clip_grad_by_total_norm_fp32 (.type() check) on CPU."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
