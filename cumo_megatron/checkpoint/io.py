@@ -214,14 +214,21 @@ def _weight_map_from_index(index_path: Path) -> dict[str, Path]:
     return out
 
 
+def _open_file(path: Path, source: Path, description: str) -> LazyStateDict:
+    """A `LazyStateDict` over one weights file or index (a lone ``.bin`` is loaded only once)."""
+    if path.suffix in (".bin", ".pt", ".pth"):
+        tensors = _load_pickled_state_dict(path)
+        lazy = LazyStateDict(source, {key: path for key in tensors}, description)
+        lazy._bin_cache = (path, tensors)
+        return lazy
+    return LazyStateDict(source, _weight_map_from_file(path), description)
+
+
 def _weight_map_from_file(path: Path) -> dict[str, Path]:
     if path.name.endswith(".index.json"):
         return _weight_map_from_index(path)
     if path.suffix == ".safetensors":
         return {key: path for key in _safetensors_keys(path)}
-    if path.suffix in (".bin", ".pt", ".pth"):
-        # No index: the keys are only known by loading the (memory-mapped) pickle.
-        return {key: path for key in _load_pickled_state_dict(path)}
     raise CheckpointError(
         f"{path} is not a known weights file (.safetensors, .bin/.pt/.pth, or a *.index.json)"
     )
@@ -240,7 +247,7 @@ def open_checkpoint(path: PathLike) -> LazyStateDict:
         for name in DIRECTORY_LAYOUTS:
             candidate = path / name
             if candidate.is_file():
-                lazy = LazyStateDict(path, _weight_map_from_file(candidate), f"{path} ({name})")
+                lazy = _open_file(candidate, path, f"{path} ({name})")
                 if len(lazy) == 0:
                     raise CheckpointError(f"{candidate} holds no tensors")
                 return lazy
@@ -249,7 +256,7 @@ def open_checkpoint(path: PathLike) -> LazyStateDict:
             f"no weights found in {path}: expected one of {', '.join(DIRECTORY_LAYOUTS)}; "
             f"the directory holds {present}"
         )
-    return LazyStateDict(path, _weight_map_from_file(path))
+    return _open_file(path, path, str(path))
 
 
 def tensor_shape(src: Mapping, key: str) -> tuple[int, ...]:
@@ -307,11 +314,13 @@ def write_safetensors(
     named_tensors,
     max_shard_bytes: int = 5 * 2**30,
     config: Optional[Mapping] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> list[Path]:
     """Write ``(name, tensor)`` pairs as a HF checkpoint: ``model.safetensors``, or shards
     ``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json`` when they exceed
-    ``max_shard_bytes``; ``config`` (if given) as ``config.json``. Streams: at most one shard is
-    held in memory. Returns the weight files written.
+    ``max_shard_bytes``; ``config`` (if given) as ``config.json``. ``dtype`` casts floating-point
+    tensors (e.g. back to a release's bf16: bf16 -> fp32 -> bf16 is lossless). Streams: at most one
+    shard is held in memory. Returns the weight files written.
     """
     from safetensors.torch import save_file
 
@@ -333,7 +342,10 @@ def write_safetensors(
         if name in weight_map or name in current:
             raise CheckpointError(f"write_safetensors: tensor {name!r} given twice")
         # Own, contiguous storage: safetensors refuses tensors that share memory (views of one fc1).
-        tensor = tensor.detach().to("cpu").contiguous().clone()
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.contiguous().clone()
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > max_shard_bytes:
             flush()

@@ -6,7 +6,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cumo_megatron.config.schema import MoEConfig, ModelConfig, ParallelConfig
@@ -113,7 +112,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> T
         kv_channels=vision.hidden_size // vision.num_heads,
         normalization="LayerNorm",
         layernorm_epsilon=vision.layernorm_eps,
-        activation_func=quick_gelu if vision.activation == "quick_gelu" else torch.nn.functional.gelu,
+        activation_func=cpu.quick_gelu_impl() if vision.activation == "quick_gelu" else torch.nn.functional.gelu,
         gated_linear_unit=False,
         add_bias_linear=True,
         add_qkv_bias=True,

@@ -14,6 +14,10 @@ host `activate()` installs the following ways round, each tested in `tests/platf
    It stays active through the backward pass (hooks, ``autograd.Function.backward``, recompute),
    in the thread that called `activate()` (torch-function modes are per thread).
 
+5. CLIP's quick_gelu runs eagerly (`quick_gelu_impl`): megatron wraps it in ``torch.compile``, and
+   on a CPU inductor spends 5-20 s compiling C++ per process for a one-line activation.
+6. `transformer_config_overrides`: no per-batch synchronize in pipeline p2p, weights made on the CPU.
+
 On a machine with CUDA none of this is installed and the stock megatron-core + TE path runs.
 """
 
@@ -217,3 +221,17 @@ def transformer_config_overrides() -> dict:
     if cuda_available():
         return {}
     return {"batch_p2p_sync": False, "use_cpu_initialization": True}
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's ``x * sigmoid(1.702 x)``, eager."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def quick_gelu_impl():
+    """megatron's compiled quick_gelu on GPU; the eager one without CUDA (no inductor compile)."""
+    if cuda_available():
+        from megatron.core.activations import quick_gelu as compiled_quick_gelu
+
+        return compiled_quick_gelu
+    return quick_gelu

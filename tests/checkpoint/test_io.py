@@ -145,6 +145,16 @@ def test_sharded_bin_loads_shards_lazily_memory_mapped_and_caches_one(tmp_path, 
     assert [c[0] for c in calls] == [shards[0].name, shards[2].name, shards[0].name]
 
 
+def test_single_bin_is_loaded_once(tmp_path, monkeypatch):
+    sd = _tensors()
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(ckpt_io.torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    _assert_same(open_checkpoint(tmp_path), sd)
+    assert len(calls) == 1 and calls[0]["mmap"] is True and calls[0]["weights_only"] is True
+
+
 def test_safetensors_keys_and_shapes_without_reading_tensors(tmp_path, monkeypatch):
     sd = _tensors()
     _write_sharded(tmp_path, sd, "safetensors")
@@ -267,6 +277,10 @@ def test_write_safetensors_shards_and_reads_back(tmp_path):
     assert read_json(tmp_path, "config.json") == {"model_type": "llama"}
     single = tmp_path / "single"
     assert write_safetensors(single, iter(pairs)) == [single / "model.safetensors"]
+    cast = tmp_path / "bf16"
+    write_safetensors(cast, iter(pairs), dtype=torch.bfloat16)
+    back = open_checkpoint(cast)
+    assert back["half.a"].dtype == torch.bfloat16 and back["model.count"].dtype == torch.int64
     with pytest.raises(CheckpointError, match="given twice"):
         write_safetensors(tmp_path / "dup", iter(pairs + pairs[:1]))
 

@@ -90,7 +90,7 @@ def test_round_trip_is_bit_exact_and_export_loads_in_transformers(saved, kind, t
     hf, dirs = saved[kind]
     src = open_checkpoint(dirs["safetensors"])
     lang = language_config_from_hf(dirs["safetensors"])
-    ours = _ours(lang, hf_lm_to_megatron(src, lang))
+    ours = _ours(lang, hf_lm_to_megatron(src, lang, prefix=""))
     back = dict(megatron_to_hf_lm(ours.state_dict(), lang, prefix=""))
     assert sorted(back) == sorted(src.keys())
     for key in back:
@@ -164,6 +164,26 @@ def test_config_styles_of_transformers_4_and_5_agree(saved, kind):
     if kind == "mixtral":
         assert legacy.moe == MoEConfig(num_experts=4, top_k=2)
     assert language_config_from_hf(hf_config_from_language(legacy)) == legacy
+
+
+@pytest.mark.parametrize("kind", list(LOGITS_LAYOUT))
+def test_omitted_fields_take_transformers_defaults(kind):
+    """A sparse config.json means what transformers' config class makes of it."""
+    import transformers
+
+    sparse = dict(
+        model_type=kind, vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8,  # Mistral/Mixtral default to 8 KV heads
+    )
+    config_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                  "mixtral": transformers.MixtralConfig}[kind]
+    full = config_cls(**{k: v for k, v in sparse.items() if k != "model_type"}).to_dict()
+    ours = language_config_from_hf(sparse, allow_sliding_window=True)
+    assert ours == language_config_from_hf(full, allow_sliding_window=True)
+    assert ours.rms_norm_eps == (1e-5 if kind == "mixtral" else 1e-6)
+    if kind == "mistral":  # transformers' MistralConfig defaults to a 4096-token window
+        with pytest.raises(CheckpointError, match="sliding_window=4096"):
+            language_config_from_hf(sparse)
 
 
 def test_llava_model_types_and_missing_kv_heads():

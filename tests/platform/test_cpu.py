@@ -413,3 +413,17 @@ def test_data_parallel_size_rules():
     assert ParallelSizes(tp=2, ep=4, etp=1).data_parallel_size(4) == 2
     assert ParallelSizes(tp=2, pp=2).data_parallel_size(8) == 2
     assert ParallelSizes().data_parallel_size(3) == 3
+
+
+def test_quick_gelu_is_eager_on_cpu_and_matches_megatron():
+    """Without CUDA the ViT uses an eager quick_gelu, numerically megatron's (x * sigmoid(1.702x))."""
+    from megatron.core.activations import quick_gelu as megatron_quick_gelu
+
+    from cumo_megatron.config.presets import tiny
+    from cumo_megatron.config.schema import ParallelConfig
+    from cumo_megatron.models.transformer_configs import vision_transformer_config
+
+    assert cpu.quick_gelu_impl() is cpu.quick_gelu
+    assert vision_transformer_config(tiny(), ParallelConfig()).activation_func is cpu.quick_gelu
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(cpu.quick_gelu(x), megatron_quick_gelu(x), rtol=1e-6, atol=1e-7)

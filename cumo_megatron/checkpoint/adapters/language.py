@@ -67,6 +67,18 @@ _MODEL_TYPE_ALIASES = {
     "llava_mixtral": "mixtral",
 }
 _ACCEPTED_ROPE_TYPES = (None, "default")
+# transformers' config-class defaults (4.x and 5.x agree) for fields a config.json may omit;
+# an explicit ``null`` in the file is kept.
+_HF_DEFAULTS = {
+    "llama": dict(rms_norm_eps=1e-6, max_position_embeddings=2048, rope_theta=1e4),
+    "mistral": dict(
+        rms_norm_eps=1e-6, max_position_embeddings=131072, rope_theta=1e4, num_key_value_heads=8, sliding_window=4096
+    ),
+    "mixtral": dict(
+        rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=1e6, num_key_value_heads=8,
+        num_local_experts=8, num_experts_per_tok=2,
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +154,11 @@ def language_config_from_hf(
         cfg = dict(cfg["text_config"])  # HF-native multimodal wrappers (llava-hf)
         where += ":text_config"
     arch = _arch_of(cfg, where)
+    rope_given = "rope_theta" in cfg or "rope_theta" in (cfg.get("rope_parameters") or {})
+    for key, value in _HF_DEFAULTS[arch].items():
+        if key == "rope_theta" and rope_given:
+            continue
+        cfg.setdefault(key, value)
 
     def need(key: str):
         if cfg.get(key) is None:
@@ -162,7 +179,7 @@ def language_config_from_hf(
         raise CheckpointError(f"{where}: hidden_act={act!r}; only SiLU (SwiGLU MLPs) is supported")
     window = cfg.get("sliding_window")
     use_window = cfg.get("use_sliding_window", True)
-    max_positions = int(cfg.get("max_position_embeddings", 4096))
+    max_positions = int(cfg["max_position_embeddings"])
     if window is not None and use_window and int(window) < max_positions and not allow_sliding_window:
         raise CheckpointError(
             f"{where}: sliding_window={window} < max_position_embeddings={max_positions}; sliding-window "
@@ -183,7 +200,7 @@ def language_config_from_hf(
         num_heads=heads,
         num_kv_heads=None if kv_heads is None or int(kv_heads) == heads else int(kv_heads),
         ffn_hidden_size=int(need("intermediate_size")),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(cfg["rms_norm_eps"]),
         rope_theta=_rope_theta(cfg, where),
         max_position_embeddings=max_positions,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
