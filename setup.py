@@ -16,6 +16,7 @@ setup(
         "transformers",
         "safetensors",
         "sentencepiece",
+        "protobuf",  # sentencepiece tokenizers in non-legacy mode
         # megatron's dist_checkpointing writer hangs forever without psutil.
         "psutil",
         "pyyaml",
