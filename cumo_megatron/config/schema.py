@@ -226,9 +226,18 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Data options known to the model issue: the prompt template (more arrives with training)."""
+    """Training data: LLaVA-format files (``path[:weight]``), images, prompt template, tokenizer."""
 
+    files: list[str] = field(default_factory=list)  # "a.json", "b.jsonl:0.5" (mixture weights)
+    image_folder: Optional[str] = None
     template: str = "vicuna_v1"
+    tokenizer: Optional[str] = None  # tokenizer.model file or a tokenizer directory
+    max_length: int = 2048  # after <image> expansion
+    aspect: Literal["pad", "crop"] = "pad"  # pad-to-square (stages 2/3) or resize + center crop
+    policy: Literal["skip", "fail"] = "skip"  # bad records at train time
+    grouping: Literal["modality_length", "length", "none"] = "modality_length"
+    num_workers: int = 0
+    eval_files: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Known templates only."""
@@ -236,6 +245,43 @@ class DataConfig:
             raise ConfigError(
                 f"data.template={self.template!r} is unknown; choose one of {', '.join(TEMPLATES)}"
             )
+        if self.max_length < 1:
+            raise ConfigError(f"data.max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, stage and checkpointing of one training run."""
+
+    stage: Literal[1, 2, 3] = 3  # 1: connector only; 2: everything dense; 3: everything, MoE + aux
+    lr: float = 4e-6
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.03
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    global_batch_size: int = 256
+    micro_batch_size: int = 1
+    epochs: int = 1
+    train_steps: Optional[int] = None  # None: epochs over the data
+    distributed_optimizer: bool = True
+    load: Optional[str] = None  # initial weights (converted / upcycled checkpoint); resume wins
+    save: str = "runs/cumo"  # output directory: checkpoints, metrics.jsonl, config.yaml, tensorboard
+    save_interval: int = 500
+    keep_last: int = 2
+    log_interval: int = 1
+    max_bad_steps: int = 3  # consecutive NaN/Inf steps before the run stops
+
+    def validate(self) -> None:
+        """Positive sizes and a sane schedule."""
+        if self.micro_batch_size < 1 or self.global_batch_size < self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be >= "
+                f"train.micro_batch_size={self.micro_batch_size} >= 1"
+            )
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
 
 @dataclass
@@ -245,6 +291,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 1234
 
     def validate(self) -> None:
