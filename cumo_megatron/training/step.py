@@ -60,7 +60,9 @@ def make_forward_step(num_microbatches: int) -> Callable:
     def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
         # Scale the aux-loss gradients as the LM loss's: mean over micro-batches.
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) / num_microbatches)
+        # Assigned, not `set_loss_scale`d: that copies into an existing scale, which megatron
+        # creates 0-dim if a backward ran before any scale was set, and a [1] scale then fails.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1) / num_microbatches
         output = model(
             input_ids=batch["input_ids"], images=batch.get("images"), labels=batch["labels"]
         )
