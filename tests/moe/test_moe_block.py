@@ -12,32 +12,15 @@ import dataclasses
 
 import pytest
 import torch
-from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from cumo_megatron.config.presets import tiny
 from cumo_megatron.config.schema import ConnectorConfig, ModelConfig, MoEConfig, ParallelConfig
 from cumo_megatron.models.connector import ConnectorMLP, MoEConnector
 from cumo_megatron.models.vision import CLIPVisionTower
 from cumo_megatron.moe.upcycling import upcycle_state_dict
-from cumo_megatron.platform import ParallelSizes, initialize
 from tests.reference import cumo_reference as ref
 
 H, FFN = 32, 64  # tiny ViT width and MLP width
-
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    """megatron's parallel state at tp = pp = ep = 1 in this process."""
-    initialize(ParallelSizes(), seed=0)
-
-
-@pytest.fixture(autouse=True)
-def unit_aux_scale():
-    """The aux-loss backward scale is process-wide: pin it to 1 (as for a single micro-batch)."""
-    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
-    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1)  # megatron's shape
-    yield
-    MoEAuxLossAutoScaler.main_loss_backward_scale = saved
 
 
 def _cfg(vision_moe: MoEConfig | None, connector_moe: MoEConfig | None = None) -> ModelConfig:

@@ -9,26 +9,10 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from cumo_megatron.config.presets import tiny
 from cumo_megatron.models.transformer_configs import connector_transformer_config
 from cumo_megatron.moe.router import CuMoRouter, RouterSettings
-from cumo_megatron.platform import ParallelSizes, initialize
 from tests.reference import cumo_reference as ref
 
 S, B = 7, 3  # tokens per sample, samples
 SHARE, BAL, Z = 0.25, 0.3, 0.05  # call share and coefficients (not the defaults, so that mixing them up shows)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    """megatron's parallel state at tp = pp = ep = 1 in this process."""
-    initialize(ParallelSizes(), seed=0)
-
-
-@pytest.fixture(autouse=True)
-def unit_aux_scale():
-    """The aux-loss backward scale is a process-wide class attribute: pin it to 1 for each test."""
-    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
-    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1)  # megatron's shape
-    yield
-    MoEAuxLossAutoScaler.main_loss_backward_scale = saved
 
 
 def _router(share=SHARE, bal=BAL, z=Z) -> CuMoRouter:
