@@ -14,11 +14,15 @@ def build_optimizer(
     use_distributed_optimizer: bool = False,
     precision: str = "fp32",
     betas: tuple[float, float] = (0.9, 0.999),
+    min_lr: float = 0.0,
+    eps: float = 1e-8,
 ):
     """AdamW (decoupled weight decay) over the DDP-wrapped model chunks."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
+        min_lr=min_lr,
+        adam_eps=eps,
         weight_decay=weight_decay,
         adam_beta1=betas[0],
         adam_beta2=betas[1],
