@@ -105,7 +105,8 @@ class CuMoModel(MegatronModule):
         attention_mask: Optional[torch.Tensor] = None,
         inference_context=None,
     ) -> torch.Tensor:
-        """Per-token LM loss ``[b, s]`` when ``labels`` are given, else logits ``[b, s, vocab/tp]``.
+        """Per-token LM loss ``[b, s]`` when ``labels`` are given, else logits ``[b, s, vocab/tp]``
+        (full ``vocab`` with an ``inference_context``: the KV-cache path gathers them).
 
         ``labels[b, t]`` is the token expected after position t (already shifted by the data).
         """
@@ -121,6 +122,8 @@ class CuMoModel(MegatronModule):
             decoder_input=decoder_input,
             labels=labels,
             inference_context=inference_context,
+            # megatron's inference path insists on full-vocabulary logits (gathered over TP).
+            runtime_gather_output=True if inference_context is not None else None,
         )
 
 

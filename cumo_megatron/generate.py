@@ -1,0 +1,156 @@
+"""Ask a CuMo checkpoint about an image: ``python -m cumo_megatron.generate``.
+
+    python -m cumo_megatron.generate --load CKPT --image cat.png --prompt "What is this?"
+    torchrun --nproc_per_node 2 -m cumo_megatron.generate --load CKPT ...   # TP = 2
+    python -m cumo_megatron.generate --load CKPT --batch questions.json --out answers.jsonl
+
+Single mode prints the answer alone on stdout (everything else goes to stderr). Batch mode reads a
+LLaVA-format ``.json``/``.jsonl`` (``id``, ``image``, ``conversations``; the first human turn is
+the question, a following gpt turn is kept as ``reference``; LLaVA's evaluation lines
+``{question_id, image, text}`` work too) and writes one JSON line per record to ``--out``:
+``{"id", "question_id", "prompt", "text", "reference", "model_id"}``.
+
+``--load`` takes our checkpoint directory or an original CuMo release directory (converted on the
+fly, TP = 1). Greedy decoding when ``--temperature`` is 0 (the default), else temperature + top-p
+sampling seeded by ``--seed``. Under ``torchrun`` the world is split into TP ranks (``--tp``,
+default the world size); only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger("cumo_megatron.generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m cumo_megatron.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--load", required=True, help="our checkpoint directory or an original CuMo release directory")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several <image>)")
+    p.add_argument("--prompt", help="the question (single mode); '<image>\\n' is prepended when absent")
+    p.add_argument("--batch", help="LLaVA-format .json/.jsonl of questions (batch mode)")
+    p.add_argument("--out", help="answers .jsonl (batch mode)")
+    p.add_argument("--image-folder", help="folder the batch file's image names are relative to "
+                   "(default: the batch file's folder)")
+    p.add_argument("--template", default=None, help="vicuna_v1 | mistral_instruct | plain "
+                   "(default: mistral_instruct for Mistral/Mixtral, else vicuna_v1)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer directory "
+                   "(default: tokenizer.model in or beside --load)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aspect", choices=("pad", "crop"), default="pad", help="image aspect handling")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size)")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args) -> None:
+    if (args.batch is None) == (args.prompt is None):
+        p.error("give either --prompt (single mode) or --batch with --out (batch mode)")
+    if args.batch is not None and not args.out:
+        p.error("--batch needs --out answers.jsonl")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+
+
+def _batch_items(path: Path, image_folder: Path):
+    """(record id, question, image paths, reference answer) for each record of a batch file."""
+    from cumo_megatron.data.records import load_file, record_images
+    from cumo_megatron.inference.prompts import first_question
+
+    for raw in load_file(path):
+        if raw.error is not None:
+            raise ValueError(f"{path} line {raw.line}: {raw.error}")
+        data = raw.data
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} record {raw.index}: expected a JSON object, got {type(data).__name__}")
+        rid = data.get("id", data.get("question_id", raw.index))
+        if "conversations" in data:
+            question, reference = first_question(data["conversations"], str(rid))
+        elif isinstance(data.get("text"), str):  # LLaVA evaluation question files
+            question, reference = data["text"], data.get("answer")
+        else:
+            raise ValueError(f"{path} record {raw.index} (id={rid!r}): needs 'conversations' or 'text'")
+        images = [image_folder / name for name in record_images(data)]
+        yield rid, question, images, reference
+
+
+def run(args) -> int:
+    """Load, answer, print / write. Returns the exit status."""
+    import torch
+
+    import cumo_megatron.platform as platform
+    from cumo_megatron.data.tokenizer import load_tokenizer
+    from cumo_megatron.inference.session import InferenceSession, default_tokenizer_path, load_model
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = args.tp or world
+    platform.initialize(platform.ParallelSizes(tp=tp), seed=args.seed)
+    rank = torch.distributed.get_rank()
+    model, cfg = load_model(args.load)
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.load))
+    session = InferenceSession(model, cfg, tokenizer, template=args.template, aspect=args.aspect)
+    log.info("loaded %s (tp=%d, template %s)", args.load, tp, session.template)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+    if args.prompt is not None:
+        answer = session.answer(args.prompt, args.image, **sampling)
+        return 0 if rank != 0 else _emit(answer.text)
+
+    batch = Path(args.batch)
+    folder = Path(args.image_folder) if args.image_folder else batch.parent
+    out = Path(args.out)
+    n = 0
+    with contextlib.ExitStack() as stack:
+        sink = None
+        if rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            sink = stack.enter_context(out.open("w", encoding="utf-8"))
+        for rid, question, images, reference in _batch_items(batch, folder):
+            answer = session.answer(question, images, **sampling)
+            n += 1
+            if sink is not None:
+                row = {"id": rid, "question_id": rid, "prompt": answer.prompt, "text": answer.text,
+                       "reference": reference, "model_id": Path(args.load).name}
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                sink.flush()
+            log.info("answered %s", rid)
+    log.info("wrote %d answers to %s", n, out)
+    return 0
+
+
+_REAL_STDOUT = sys.stdout
+
+
+def _emit(text: str) -> int:
+    _REAL_STDOUT.write(text + "\n")
+    _REAL_STDOUT.flush()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; library prints are sent to stderr so stdout carries only the answer."""
+    global _REAL_STDOUT
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    _REAL_STDOUT = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

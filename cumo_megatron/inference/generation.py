@@ -1,0 +1,189 @@
+"""Autoregressive generation with a `CuMoModel`: greedy or temperature + top-p sampling, KV cache.
+
+The KV cache is megatron-core's static inference context (`StaticInferenceContext`): every
+attention layer stores its keys and values there and RoPE positions come from the context's
+``sequence_len_offset``. The prompt (with the image placeholders) runs once ("prefill"); each
+decode step then feeds only the previous token, without images.
+
+Tensor parallelism: logits come out vocab-parallel and are gathered over the TP group (megatron
+gathers them itself on the KV-cache path); the chosen
+token is broadcast from TP rank 0 so every rank continues with the same sequence. With sequence
+parallelism every chunk fed to the model must be a multiple of TP long: chunks are padded at the
+end and an explicit attention mask keeps each real position from seeing the padding; the KV-cache
+offset advances by the real length only, so the padding slots are overwritten by the next step.
+
+Pipeline parallelism is not supported here (one stage must hold the whole model).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+
+def _tp_size() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _check_model(model) -> None:
+    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
+        raise ValueError(
+            "generation needs the whole model on one pipeline stage; run it with pipeline parallel size 1"
+        )
+    if model.training:
+        raise ValueError("call model.eval() before generating (dropout and MoE statistics depend on it)")
+
+
+def _chunk_multiple(model) -> int:
+    """Chunk lengths must be multiples of TP when the LM scatters the sequence (SP)."""
+    return _tp_size() if getattr(model.config, "sequence_parallel", False) else 1
+
+
+def _full_vocab(logits_bsv: torch.Tensor) -> torch.Tensor:
+    """Gather vocab-parallel logits to the full vocabulary on every TP rank."""
+    if _tp_size() == 1:
+        return logits_bsv
+    return gather_from_tensor_model_parallel_region(logits_bsv.contiguous())
+
+
+def _broadcast_tp(tokens_b: torch.Tensor) -> torch.Tensor:
+    """Every TP rank continues with TP rank 0's token (guards against rank-to-rank rounding)."""
+    if _tp_size() == 1:
+        return tokens_b
+    torch.distributed.broadcast(
+        tokens_b,
+        src=parallel_state.get_tensor_model_parallel_src_rank(),
+        group=parallel_state.get_tensor_model_parallel_group(),
+    )
+    return tokens_b
+
+
+def forward_last_logits(
+    model,
+    input_ids_bs: torch.Tensor,
+    images: Optional[torch.Tensor],
+    context: Optional[StaticInferenceContext] = None,
+) -> torch.Tensor:
+    """Full-vocabulary float logits ``[b, vocab]`` of the last position of ``input_ids_bs``.
+
+    With a ``context``, ``input_ids_bs`` continues the sequence cached there (its first position is
+    ``context.sequence_len_offset``) and the context advances by its length.
+    """
+    b, s = input_ids_bs.shape
+    multiple = _chunk_multiple(model)
+    pad = (-s) % multiple
+    ids = input_ids_bs
+    if pad:
+        # Padding goes after the real tokens; 0 is a real id (never an image placeholder).
+        ids = torch.cat([ids, ids.new_zeros(b, pad)], dim=1)
+    attention_mask = None
+    offset = context.sequence_len_offset if context is not None else 0
+    if context is not None and (pad or offset > 0 and s > 1):
+        # Bottom-right causal over cache + chunk; True marks what a query may NOT see (megatron).
+        q_pos = offset + torch.arange(s + pad, device=ids.device)
+        k_pos = torch.arange(offset + s + pad, device=ids.device)
+        attention_mask = (k_pos.view(1, -1) > q_pos.view(-1, 1)).view(1, 1, s + pad, offset + s + pad)
+    logits_bsv = model(ids, images, attention_mask=attention_mask, inference_context=context)
+    if context is not None:
+        context.sequence_len_offset += s
+    last_bv = logits_bsv[:, s - 1]
+    if context is None:  # with a context megatron already gathered the vocabulary
+        last_bv = _full_vocab(last_bv)
+    return last_bv.float()
+
+
+def sample_next(
+    logits_bv: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next token ids ``[b]``: argmax when ``temperature <= 0``, else top-p (nucleus) sampling.
+
+    Top-p keeps the smallest set of most probable tokens whose probability reaches ``top_p``
+    (at least one token).
+    """
+    if temperature <= 0.0:
+        return logits_bv.argmax(dim=-1)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    probs_bv = torch.softmax(logits_bv.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_bv, order_bv = probs_bv.sort(dim=-1, descending=True)
+        before_bv = sorted_bv.cumsum(dim=-1) - sorted_bv  # mass of strictly more probable tokens
+        sorted_bv = sorted_bv.masked_fill(before_bv >= top_p, 0.0)
+        probs_bv = torch.zeros_like(probs_bv).scatter(-1, order_bv, sorted_bv)
+    return torch.multinomial(probs_bv, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    images: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: Optional[int] = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """New tokens ``[b, n <= max_new_tokens]`` after the prompts ``input_ids [b, s]``.
+
+    ``input_ids`` hold each image pre-expanded to ``tokens_per_image`` placeholders (as in training)
+    and no padding (all prompts of a batch have the same length); ``images [n, 3, H, W]`` or None.
+    Greedy when ``temperature`` is 0; otherwise temperature + top-p sampling from a CPU generator
+    seeded with ``seed`` (reproducible). A sequence that produced ``eos_id`` keeps emitting it and
+    decoding stops once all have. ``use_cache=False`` recomputes the whole sequence each step (the
+    slow path, kept to check the cache). The model must be in eval mode.
+    """
+    _check_model(model)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length>0], got shape {tuple(input_ids.shape)}")
+    b, s = input_ids.shape
+    generator = torch.Generator().manual_seed(seed)
+    finished_b = torch.zeros(b, dtype=torch.bool)
+    new_tokens: list[torch.Tensor] = []
+    context = None
+    if use_cache:
+        slack = _chunk_multiple(model)  # room for the padding of the last chunks
+        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=s + max_new_tokens + 2 * slack)
+        context.materialize_only_last_token_logits = False  # we pick the last real position ourselves
+    sequence = input_ids
+    for step in range(max_new_tokens):
+        if context is None:
+            logits_bv = forward_last_logits(model, sequence, images)
+        elif step == 0:
+            logits_bv = forward_last_logits(model, input_ids, images, context)
+            context.enable_decode_mode()
+        else:
+            logits_bv = forward_last_logits(model, new_tokens[-1].view(b, 1), None, context)
+        nxt_b = sample_next(logits_bv.cpu(), temperature, top_p, generator).to(input_ids.device)
+        nxt_b = _broadcast_tp(nxt_b.to(input_ids.dtype).contiguous())
+        if eos_id is not None:
+            nxt_b = torch.where(finished_b.to(nxt_b.device), torch.full_like(nxt_b, eos_id), nxt_b)
+            finished_b |= (nxt_b == eos_id).cpu()
+        new_tokens.append(nxt_b)
+        if context is None:
+            sequence = torch.cat([sequence, nxt_b.view(b, 1)], dim=1)
+        if eos_id is not None and bool(finished_b.all()):
+            break
+    if not new_tokens:
+        return input_ids.new_zeros(b, 0)
+    return torch.stack(new_tokens, dim=1)
+
+
+def strip_after_eos(tokens: list[int], eos_id: Optional[int]) -> list[int]:
+    """The tokens before the first ``eos_id`` (all of them when there is none)."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id)]
+    return tokens
+
+
+__all__ = ["generate", "sample_next", "forward_last_logits", "strip_after_eos"]

@@ -1,0 +1,155 @@
+"""A loaded model with its tokenizer and image processor, answering questions about images.
+
+`load_model` accepts our checkpoint directory (``model_config.yaml`` + a megatron dist checkpoint;
+any TP layout, megatron reshards) or an original CuMo release directory (HF-style
+``config.json`` + safetensors), converted on the fly with the checkpoint adapters (world of one).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from cumo_megatron.checkpoint.adapters.common import CheckpointError
+from cumo_megatron.config.schema import ModelConfig, ParallelConfig
+from cumo_megatron.data.images import ImageProcessor, load_rgb
+from cumo_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from cumo_megatron.inference.generation import generate, strip_after_eos
+from cumo_megatron.inference.prompts import generation_prompt, prompt_input_ids
+from cumo_megatron.models.cumo import build_model
+
+log = logging.getLogger(__name__)
+
+
+def _is_release(directory: Path) -> bool:
+    return (directory / "config.json").is_file()
+
+
+def load_model(load: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the model for the initialised TP size and load weights from ``load`` (eval mode).
+
+    Parallel state must be initialised (`cumo_megatron.platform.initialize`) with PP = 1.
+    """
+    from cumo_megatron.checkpoint import ours
+
+    directory = Path(load)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise ValueError("generation runs with pipeline parallel size 1 (use TP to split a large model)")
+    if ours.is_model_checkpoint(directory):
+        cfg = ours.read_model_config(directory)
+        model = build_model(cfg, ParallelConfig(tp=tp))
+        ours.load_model_checkpoint(model, directory)
+    elif directory.is_dir() and _is_release(directory):
+        from cumo_megatron.checkpoint.adapters.cumo_release import model_config_from_release, release_to_megatron
+        from cumo_megatron.checkpoint.io import load_into, open_checkpoint
+
+        if tp != 1:
+            raise CheckpointError(
+                f"{directory} is an original CuMo release; it loads on the fly at TP=1 only. Convert it "
+                "first (tools/upcycle_checkpoint.py) to load it at TP > 1"
+            )
+        cfg = model_config_from_release(directory)
+        model = build_model(cfg, ParallelConfig())
+        load_into(model, release_to_megatron(open_checkpoint(directory), cfg), strict=True)
+    else:
+        raise CheckpointError(
+            f"{directory} is neither a cumo-megatron checkpoint (model_config.yaml + metadata.json) nor an "
+            "original CuMo release (config.json + safetensors)"
+        )
+    return model.eval(), cfg
+
+
+def default_tokenizer_path(load: str | Path) -> Path:
+    """``tokenizer.model`` next to the checkpoint (inside it, else beside it), else the directory."""
+    directory = Path(load)
+    for candidate in (directory / "tokenizer.model", directory.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+        return directory
+    raise FileNotFoundError(
+        f"no tokenizer found for {directory} (looked for tokenizer.model inside and beside it, and an HF "
+        "tokenizer in it); pass --tokenizer"
+    )
+
+
+def default_template(cfg: ModelConfig) -> str:
+    """The chat template the released models use for their LLM family."""
+    return "mistral_instruct" if cfg.language.arch in ("mistral", "mixtral") else "vicuna_v1"
+
+
+@dataclass
+class Answer:
+    """One generated answer: its text, the prompt string and the generated token ids."""
+
+    text: str
+    prompt: str
+    tokens: list[int]
+
+
+class InferenceSession:
+    """Model + tokenizer + image processor + template; `answer` asks one question."""
+
+    def __init__(
+        self,
+        model,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer,
+        template: Optional[str] = None,
+        aspect: str = "pad",
+    ):
+        self.model = model
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.template = template or default_template(cfg)
+        self.processor = ImageProcessor.from_vision_config(cfg.vision, aspect=aspect)
+        if tokenizer.vocab_size > cfg.language.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                f"{cfg.language.vocab_size}: they do not belong together"
+            )
+
+    def answer(
+        self,
+        question: str,
+        image_paths: Sequence[str | Path] = (),
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Answer:
+        """Generate the answer to ``question`` about the images (none: a text-only question)."""
+        has_image = len(image_paths) > 0
+        prompt = generation_prompt(self.template, question, has_image=has_image)
+        ids = prompt_input_ids(prompt, self.tokenizer, self.cfg.vision.tokens_per_image, self.cfg.image_token_id)
+        n_placeholders = sum(1 for i in ids if i == self.cfg.image_token_id) // self.cfg.vision.tokens_per_image
+        if n_placeholders != len(image_paths):
+            raise ValueError(
+                f"the prompt holds {n_placeholders} <image> but {len(image_paths)} image(s) were given"
+            )
+        param = next(self.model.parameters())
+        images = None
+        if has_image:
+            images = torch.stack([self.processor(load_rgb(p)) for p in image_paths])
+            images = images.to(device=param.device, dtype=param.dtype)
+        tokens = generate(
+            self.model,
+            torch.tensor([ids], dtype=torch.long, device=param.device),
+            images,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_id=self.tokenizer.eos_id,
+            seed=seed,
+        )[0].tolist()
+        text = self.tokenizer.decode(strip_after_eos(tokens, self.tokenizer.eos_id)).strip()
+        return Answer(text=text, prompt=prompt, tokens=tokens)
+
+
+__all__ = ["load_model", "default_tokenizer_path", "default_template", "Answer", "InferenceSession"]
