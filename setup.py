@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "numpy",
         "pillow",
+        "matplotlib",  # the quickstart's expert-load plot
     ],
     extras_require={
         "test": ["pytest"],

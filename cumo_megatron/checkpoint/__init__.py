@@ -9,6 +9,9 @@
   ``vision.vit.*``.
 * `adapters.connector`: LLaVA ``mm_projector`` / CuMo MLP-MoE <-> ``connector.*``.
 * `adapters.cumo_release`: a whole original CuMo release directory <-> the whole CuMoModel.
+* `ours` (import it directly: it builds megatron models): our checkpoint directory, a megatron
+  ``dist_checkpointing`` checkpoint plus ``model_config.yaml``, loadable at any TP/PP/EP layout.
+* `convert`: the library behind ``tools/upcycle_checkpoint.py`` and ``tools/export_checkpoint.py``.
 
 Every converter is a generator of ``(name, tensor)`` that reads one source tensor at a time, so a
 lazy checkpoint streams through. Typical import::
