@@ -27,6 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
+        # TensorBoard logs next to metrics.jsonl (training/metrics.py writes them when present).
+        "tensorboard": ["tensorboard"],
         # GPU-only: fused kernels and FP8. Never required on CPU.
         "gpu": ["transformer-engine[pytorch]"],
     },

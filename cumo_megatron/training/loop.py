@@ -1,0 +1,475 @@
+"""The CuMo trainer: megatron-core DDP, optimizer, scheduler and schedules around `CuMoModel`.
+
+One `Trainer` runs one stage (`train.stage`) of one experiment:
+
+1. bring up the process groups (`platform.initialize`), build this rank's pipeline stage of the
+   model, load initial weights (``train.load``, resharded; a dense checkpoint into an MoE model is
+   co-upcycled), freeze per stage (before DDP, so frozen parameters get no buffers and no state);
+2. wrap in megatron DDP, build megatron's optimizer (Adam(W), optional distributed optimizer, grad
+   clipping, fp32 main params for bf16) and `OptimizerParamScheduler` (linear warmup over
+   ``warmup_fraction`` of the steps, cosine decay to ``min_lr``);
+3. data: `LlavaDataset` + `ResumableLoader` sharded by the data-parallel rank; a step is
+   ``global_batch_size / (micro_batch_size * dp)`` micro-batches through megatron's schedule;
+   under pipeline parallelism every micro-batch is padded to ``data.max_length``;
+4. resume from ``<train.save>/latest`` when it exists (model, optimizer, scheduler, data position,
+   RNG: the continued run is bit-identical to an uninterrupted one);
+5. per step: non-finite loss or gradient -> the update is skipped and counted; ``max_bad_steps``
+   in a row stop the run (`TrainingDiverged`), the last good checkpoint stays ``latest``;
+   metrics (JSONL, TensorBoard, console) from one reporting rank; checkpoints every
+   ``save_interval`` steps and at the end.
+
+Test hooks (environment variables, read once): ``CUMO_TEST_KILL_AFTER_SAVE=N`` SIGKILLs every rank
+right after checkpoint N is complete; ``CUMO_TEST_KILL_DURING_SAVE=N`` SIGKILLs them after
+checkpoint N's data is written but before it is committed; ``CUMO_TEST_NAN_STEPS=3,4`` poisons the
+gradients of those steps with NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from cumo_megatron.config.loader import ConfigError, save_config
+from cumo_megatron.config.schema import ExperimentConfig
+from cumo_megatron.training import checkpointing, stages
+from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TestHooks:
+    """Fault injection for tests (see the module docstring); defaults read the environment."""
+
+    kill_after_save: Optional[int] = None
+    kill_during_save: Optional[int] = None
+    nan_steps: set[int] = field(default_factory=set)
+
+    @classmethod
+    def from_env(cls) -> "TestHooks":
+        """Hooks from ``CUMO_TEST_*`` variables."""
+        def as_int(name):
+            value = os.environ.get(name)
+            return int(value) if value else None
+
+        nan = os.environ.get("CUMO_TEST_NAN_STEPS", "")
+        return cls(
+            kill_after_save=as_int("CUMO_TEST_KILL_AFTER_SAVE"),
+            kill_during_save=as_int("CUMO_TEST_KILL_DURING_SAVE"),
+            nan_steps={int(s) for s in nan.split(",") if s.strip()},
+        )
+
+
+def _kill_self() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _comm_device() -> torch.device:
+    """Where small collective tensors live: the current GPU under NCCL, else the CPU (gloo)."""
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+class Trainer:
+    """Builds everything from an `ExperimentConfig` and trains (`train()`)."""
+
+    def __init__(self, cfg: ExperimentConfig, hooks: Optional[TestHooks] = None):
+        self.cfg = cfg
+        self.hooks = hooks if hooks is not None else TestHooks.from_env()
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.bad_in_a_row = 0
+        self.skipped_steps = 0
+        self._built = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        """Process groups, model, stage freezing, DDP, optimizer, scheduler, data, resume."""
+        import cumo_megatron.platform as platform
+        from megatron.core import parallel_state
+
+        from cumo_megatron.models.cumo import build_model
+        from cumo_megatron.models.params import hand_count
+        from cumo_megatron.training.optimizer import build_optimizer
+        from cumo_megatron.training.step import wrap_ddp
+
+        cfg, train, par = self.cfg, self.cfg.train, self.cfg.parallel
+        stages.check_stage_config(train.stage, cfg.model)
+        platform.initialize(platform.ParallelSizes(tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp), seed=cfg.seed)
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.out = Path(train.save)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        per_step = train.micro_batch_size * self.dp_size
+        if train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={train.micro_batch_size} x data-parallel size {self.dp_size}"
+            )
+        self.num_microbatches = train.global_batch_size // per_step
+        self.resume_from = checkpointing.load_latest(self.out)
+
+        self.model = build_model(cfg.model, par)
+        self.load_report = None
+        if train.load and self.resume_from is None:
+            self.load_report = checkpointing.load_weights(self.model, train.load, cfg.model, par, seed=cfg.seed)
+        self.freeze_counts = stages.apply_stage(self.model, train.stage)
+        self.frozen_fingerprint = stages.frozen_fingerprint(self.model) or None
+        self.ddp = wrap_ddp(self.model, use_distributed_optimizer=train.distributed_optimizer)
+        self.optimizer = build_optimizer(
+            [self.ddp],
+            lr=train.lr,
+            weight_decay=train.weight_decay,
+            clip_grad=train.clip_grad,
+            use_distributed_optimizer=train.distributed_optimizer,
+            precision=cfg.model.precision,
+            betas=(train.adam_beta1, train.adam_beta2),
+            min_lr=train.min_lr,
+        )
+        self.loader = self._build_loader()
+        self.total_steps = self._total_steps()
+        self.scheduler = self._build_scheduler()
+        if self.resume_from is not None:
+            state = checkpointing.load_checkpoint(
+                self.resume_from, self.model, self.optimizer, self.scheduler, self.loader
+            )
+            self.iteration = int(state["iteration"])
+            self.consumed_samples = int(state["consumed_samples"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        self.reporter = (
+            parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and self.dp_rank == 0
+        )
+        self.metrics = MetricsWriter(self.out, enabled=self.reporter, resume_step=self.iteration)
+        self.param_counts = hand_count(cfg.model)
+        self._built = True
+        if self.rank == 0:
+            where = f"resumed from {self.resume_from}" if self.resume_from else "fresh start"
+            loaded = f", weights from {self.load_report['path']}" if self.load_report else ""
+            upcycled = (
+                f" (upcycled {', '.join(self.load_report['upcycled'])})"
+                if self.load_report and self.load_report["upcycled"] else ""
+            )
+            print(
+                f"stage {train.stage}: {self.total_steps} steps x {self.num_microbatches} micro-batches of "
+                f"{train.micro_batch_size} on {self.dp_size} data-parallel ranks; {where}{loaded}{upcycled}; "
+                f"trainable {self.freeze_counts['trainable']:,} frozen {self.freeze_counts['frozen']:,} (rank 0)",
+                flush=True,
+            )
+        return self
+
+    def _build_loader(self):
+        from cumo_megatron.data.batching import Collator
+        from cumo_megatron.data.dataset import DataHealth, LlavaDataset
+        from cumo_megatron.data.images import ImageProcessor
+        from cumo_megatron.data.records import Mixture
+        from cumo_megatron.data.sampler import LengthGroupedBatchSampler, ResumableLoader
+        from cumo_megatron.data.tokenizer import load_tokenizer
+
+        cfg, data = self.cfg, self.cfg.data
+        if not data.files:
+            raise ConfigError("data.files is empty: give at least one LLaVA JSON/JSONL file")
+        if data.tokenizer is None:
+            raise ConfigError("data.tokenizer is not set: give a tokenizer.model file or a tokenizer directory")
+        tokenizer = load_tokenizer(data.tokenizer)
+        if tokenizer.vocab_size > cfg.model.language.vocab_size:
+            raise ConfigError(
+                f"the tokenizer {data.tokenizer} has {tokenizer.vocab_size} ids but "
+                f"model.language.vocab_size={cfg.model.language.vocab_size}"
+            )
+        mixture = Mixture.from_specs(data.files, data.image_folder, seed=cfg.seed)
+        dataset = LlavaDataset(
+            mixture,
+            tokenizer,
+            data.template,
+            tokens_per_image=cfg.model.vision.tokens_per_image,
+            max_length=data.max_length,
+            image_processor=ImageProcessor.from_vision_config(cfg.model.vision, aspect=data.aspect),
+            policy=data.policy,
+            image_token_id=cfg.model.image_token_id,
+        )
+        tp = self.cfg.parallel.tp
+        self.fixed_length = data.max_length if self.cfg.parallel.pp > 1 else None
+        if self.fixed_length is not None and self.fixed_length % tp:
+            raise ConfigError(
+                f"data.max_length={data.max_length} must be divisible by parallel.tp={tp} "
+                "(pipeline stages exchange fixed-length, sequence-parallel activations)"
+            )
+        sampler = LengthGroupedBatchSampler(
+            dataset.lengths(), dataset.has_image(), self.cfg.train.micro_batch_size,
+            self.dp_size, self.dp_rank, self.cfg.seed, data.grouping,
+        )
+        # Sequence parallelism splits the sequence over TP ranks: pad to a multiple of tp.
+        collator = Collator(pad_id=tokenizer.pad_id, fixed_length=self.fixed_length, pad_to_multiple_of=tp)
+        return ResumableLoader(dataset, sampler, collator, DataHealth(), data.num_workers)
+
+    def _total_steps(self) -> int:
+        train = self.cfg.train
+        if train.train_steps is not None:
+            return int(train.train_steps)
+        steps = train.epochs * len(self.loader.sampler) // self.num_microbatches
+        if steps < 1:
+            raise ConfigError(
+                f"one epoch has {len(self.loader.sampler)} micro-batches per rank, fewer than one step's "
+                f"{self.num_microbatches}; lower train.global_batch_size or set train.train_steps"
+            )
+        return steps
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        train = self.cfg.train
+        warmup = int(math.ceil(train.warmup_fraction * self.total_steps))
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=train.lr,
+            min_lr=train.min_lr,
+            lr_warmup_steps=warmup,
+            lr_decay_steps=max(self.total_steps, warmup + 1),
+            lr_decay_style="cosine",
+            start_wd=train.weight_decay,
+            end_wd=train.weight_decay,
+            wd_incr_steps=max(self.total_steps, 1),
+            wd_incr_style="constant",
+        )
+
+    # ------------------------------------------------------------------ one step
+    def _grads_finite(self) -> bool:
+        """Local check of every gradient buffer (DDP's ``main_grad`` storage)."""
+        for buffer in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers):
+            if not bool(torch.isfinite(buffer.grad_data).all()):
+                return False
+        return True
+
+    def _poison_grads(self) -> None:
+        for buffer in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers):
+            buffer.grad_data.fill_(float("nan"))
+            return
+
+    def train_step(self, microbatches: list[dict]) -> dict:
+        """One optimizer step over ``microbatches``; returns this rank's raw step results."""
+        from cumo_megatron.moe.stats import collect_moe_stats
+        from cumo_megatron.training.step import forward_backward
+
+        train = self.cfg.train
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        seq_length = self.fixed_length or max(mb["input_ids"].shape[1] for mb in microbatches)
+        lm_loss = forward_backward(
+            self.ddp, microbatches, self.num_microbatches, seq_length, train.micro_batch_size
+        )
+        moe = collect_moe_stats(self.model, self.num_microbatches)
+        if self.iteration + 1 in self.hooks.nan_steps:
+            self._poison_grads()
+        local_bad = (lm_loss is not None and not math.isfinite(lm_loss)) or any(
+            not math.isfinite(v) for module in moe["modules"].values() for v in module.values()
+        ) or not self._grads_finite()
+        flag = torch.tensor([1.0 if local_bad else 0.0], device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        grad_norm, lr = float("nan"), self.optimizer.param_groups[0]["lr"]
+        if flag.item() == 0.0:
+            ok, grad_norm, _ = self.optimizer.step()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            if ok:
+                self.scheduler.step(increment=1)
+                self.bad_in_a_row = 0
+                skipped = False
+            else:  # fp16 loss scaler found inf/nan and already skipped the update
+                skipped = True
+        else:
+            self.ddp.zero_grad_buffer()
+            skipped = True
+        if skipped:
+            self.bad_in_a_row += 1
+            self.skipped_steps += 1
+        return {"lm_loss": lm_loss, "moe": moe, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
+
+    def _reduce_report(self, result: dict, tokens: int, images: int) -> dict:
+        """Combine per-rank results into the reporting rank's row (collective on every rank)."""
+        from megatron.core import parallel_state
+
+        # MoE stats live on the stage that holds the routers: gather over the pipeline group.
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        gathered = [None] * dist.get_world_size(pp_group)
+        dist.all_gather_object(gathered, result["moe"], group=pp_group)
+        modules: dict[str, dict[str, float]] = {}
+        layers: dict[str, list[int]] = {}
+        for part in gathered:
+            for name, values in part["modules"].items():
+                entry = modules.setdefault(name, {"balance": 0.0, "z_loss": 0.0})
+                for key in entry:
+                    entry[key] += values[key]
+            layers.update(part["layers"])
+        # Average losses / sum counts over data-parallel replicas (same keys on each: same model).
+        module_keys = sorted(modules)
+        layer_keys = sorted(layers)
+        lm = result["lm_loss"] if result["lm_loss"] is not None else 0.0
+        flat = [lm, float(tokens), float(images)]
+        flat += [modules[m][k] for m in module_keys for k in ("balance", "z_loss")]
+        flat += [float(c) for key in layer_keys for c in layers[key]]
+        vec = torch.tensor(flat, dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(vec, group=_dp_group())
+        values = vec.tolist()
+        dp = self.dp_size
+        row = {"lm_loss": values[0] / dp if result["lm_loss"] is not None else None}
+        tokens_all, images_all = values[1], values[2]
+        pos = 3
+        total_aux = 0.0
+        coeffs = {"vision": self.cfg.model.vision.moe, "connector": self.cfg.model.connector.moe,
+                  "language": self.cfg.model.language.moe}
+        for m in module_keys:
+            balance, z = values[pos] / dp, values[pos + 1] / dp
+            pos += 2
+            row[f"{m}_balance"] = balance
+            row[f"{m}_z_loss"] = z
+            moe_cfg = coeffs.get(m)
+            if moe_cfg is not None:
+                total_aux += moe_cfg.balance_coeff * balance + moe_cfg.z_loss_coeff * z
+        expert_load = {}
+        for key in layer_keys:
+            n = len(layers[key])
+            expert_load[key] = [int(round(v)) for v in values[pos:pos + n]]
+            pos += n
+        row["loss"] = row["lm_loss"] + total_aux if row["lm_loss"] is not None else None
+        row["expert_load"] = expert_load
+        row["tokens"] = int(tokens_all)
+        row["images"] = int(images_all)
+        return row
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict]:
+        """Train to ``total_steps``; return the metrics rows (on the reporting rank; [] elsewhere)."""
+        if not self._built:
+            self.setup()
+        train = self.cfg.train
+        rows: list[dict] = []
+        data_iter = iter(self.loader)
+        try:
+            while self.iteration < self.total_steps:
+                start = time.perf_counter()
+                microbatches = [next(data_iter) for _ in range(self.num_microbatches)]
+                tokens = sum(int(mb["input_ids"].numel()) for mb in microbatches)
+                images = sum(0 if mb["images"] is None else int(mb["images"].shape[0]) for mb in microbatches)
+                result = self.train_step(microbatches)
+                self.iteration += 1
+                self.consumed_samples += train.global_batch_size
+                if self.frozen_fingerprint is not None:
+                    self._check_frozen()  # once per run: a frozen weight must never move
+                    self.frozen_fingerprint = None
+                row = self._reduce_report(result, tokens, images)
+                elapsed = time.perf_counter() - start
+                flops = model_flops_per_step(self.param_counts, self.cfg.model, train.stage,
+                                             row["tokens"], row["images"])
+                row = {
+                    "step": self.iteration,
+                    "loss": row.pop("loss"),
+                    "lm_loss": row.pop("lm_loss"),
+                    **row,
+                    "lr": result["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "skipped": result["skipped"],
+                    "bad_steps": self.bad_in_a_row,
+                    "skipped_total": self.skipped_steps,
+                    "consumed_samples": self.consumed_samples,
+                    "step_time_s": elapsed,
+                    "tokens_per_s": row["tokens"] / elapsed,
+                    "tflops": flops / elapsed / 1e12,
+                    "tflops_per_rank": flops / elapsed / 1e12 / self.world,
+                }
+                if self.loader.health is not None and self.loader.health.events:
+                    row["data_skipped_events"] = self.loader.health.events
+                if self.reporter:
+                    rows.append(row)
+                    self.metrics.write(row, console=self.iteration % max(train.log_interval, 1) == 0)
+                if self.bad_in_a_row >= train.max_bad_steps:
+                    last = checkpointing.read_latest(self.out)
+                    raise TrainingDiverged(
+                        f"{self.bad_in_a_row} consecutive steps (up to step {self.iteration}) had a non-finite loss "
+                        f"or gradient (train.max_bad_steps={train.max_bad_steps}); stopping. The last good "
+                        f"checkpoint is {last or 'none (no checkpoint was written yet)'}: lower train.lr, check "
+                        "the data, or raise train.max_bad_steps"
+                    )
+                due = (train.save_interval and self.iteration % train.save_interval == 0) or (
+                    self.iteration == self.total_steps
+                )
+                # Never checkpoint in the middle of a run of bad steps: `latest` stays the last
+                # checkpoint written after a good update.
+                if due and self.bad_in_a_row == 0:
+                    self.save()
+        finally:
+            self.metrics.close()
+        return rows
+
+    def _check_frozen(self) -> None:
+        changed = stages.verify_fingerprint(self.model, self.frozen_fingerprint)
+        if changed:
+            raise RuntimeError(
+                f"stage {self.cfg.train.stage}: frozen parameters changed after a step: {changed[:5]}"
+            )
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current iteration (collective)."""
+        during = self.hooks.kill_during_save == self.iteration
+
+        def before_commit(tmp: Path) -> None:
+            if during:
+                _kill_self()
+
+        path = checkpointing.save_checkpoint(
+            self.out,
+            self.iteration,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.loader,
+            {
+                "iteration": self.iteration,
+                "consumed_samples": self.consumed_samples,
+                "skipped_steps": self.skipped_steps,
+                "bad_in_a_row": self.bad_in_a_row,
+                "stage": self.cfg.train.stage,
+            },
+            keep_last=self.cfg.train.keep_last,
+            before_commit=before_commit,
+        )
+        if self.hooks.kill_after_save == self.iteration:
+            _kill_self()
+        return path
+
+
+def run(cfg: ExperimentConfig) -> list[dict]:
+    """Train one stage as configured; tear the process groups down afterwards."""
+    import cumo_megatron.platform as platform
+
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        platform.destroy()

@@ -1,0 +1,152 @@
+"""Per-step training metrics: ``<out>/metrics.jsonl``, TensorBoard, and a one-line console summary.
+
+Only the reporting rank writes (`MetricsWriter(enabled=...)`). On resume the JSONL file is cut
+back to the resumed step, so the file always reads as one uninterrupted run.
+
+Model FLOPs are estimated from parameter counts (`model_flops_per_step`): 6 x active parameters x
+tokens for what is trained (forward + backward), 2x for a frozen ViT (forward only); the LLM is
+always counted at 6x since gradients flow back through it to the connector even when frozen
+(DESIGN.md section 2's compute model).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+SUMMARY_KEYS = ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "tflops")
+
+
+def _tensorboard_writer(directory: Path):
+    """A `SummaryWriter` when ``tensorboard`` is installed, else None (JSONL stays the record)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the optional `tensorboard` package is missing
+        return None
+    return SummaryWriter(log_dir=str(directory))
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the rows with ``step <= last_step`` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill: drop it
+            continue
+        if int(row.get("step", 0)) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _scalars(row: dict, prefix: str = "") -> dict[str, float]:
+    """Flatten numeric entries (nested dicts become ``a/b``; lists become ``a/i``)."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+        elif isinstance(value, dict):
+            out.update(_scalars(value, name + "/"))
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{name}/{i}": float(v) for i, v in enumerate(value)})
+    return out
+
+
+def console_line(row: dict) -> str:
+    """``step 12 | loss 2.3456 | lm 2.3000 | lr 1.0e-03 | gnorm 0.812 | 1234 tok/s | 0.01 TFLOP/s``."""
+    def fmt(value, spec):
+        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    parts = [
+        f"step {row['step']}",
+        f"loss {fmt(row.get('loss'), '.4f')}",
+        f"lm {fmt(row.get('lm_loss'), '.4f')}",
+    ]
+    for module in ("vision", "connector", "language"):
+        if f"{module}_balance" in row:
+            parts.append(f"{module[:3]} bal {row[f'{module}_balance']:.3f} z {row[f'{module}_z_loss']:.3f}")
+    parts += [
+        f"lr {fmt(row.get('lr'), '.2e')}",
+        f"gnorm {fmt(row.get('grad_norm'), '.3f')}",
+        f"{fmt(row.get('tokens_per_s'), '.0f')} tok/s",
+        f"{fmt(row.get('tflops'), '.3g')} TFLOP/s",
+    ]
+    if row.get("skipped"):
+        parts.append(f"SKIPPED (non-finite, {row.get('bad_steps', 0)} in a row)")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Writes one JSON line per step, the same scalars to TensorBoard, and a console line."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0, console=sys.stdout):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.console = console
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(self.path, resume_step)
+        self._file = open(self.path, "a")
+        self._tb = _tensorboard_writer(self.path.parent / "tensorboard")
+
+    def write(self, row: dict, console: bool = True) -> None:
+        """Record one step's metrics (a no-op on ranks that do not report)."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in _scalars(row).items():
+                if name != "step" and math.isfinite(value):
+                    self._tb.add_scalar(name, value, global_step=row["step"])
+        if console and self.console is not None:
+            print(console_line(row), file=self.console, flush=True)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def model_flops_per_step(
+    counts,
+    model_cfg,
+    stage: int,
+    text_tokens: int,
+    images: int,
+) -> float:
+    """Estimated model FLOPs of one optimizer step.
+
+    ``counts`` is a `models.params.ParamCounts` (whole model, active parameters); ``text_tokens``
+    the LLM sequence positions processed (images included, as placeholders expanded) and
+    ``images`` the number of images encoded in the step (all ranks together).
+    """
+    vision = model_cfg.vision
+    crops = sum(s * s for s in vision.s2_scales)
+    vit_tokens = images * crops * (vision.patches_per_side**2 + 1)
+    vit_factor = 2 if stage == 1 else 6  # frozen ViT: forward only
+    connector_tokens = images * vision.tokens_per_image
+    return float(
+        vit_factor * counts.vision.active * vit_tokens
+        + 6 * counts.connector.active * connector_tokens
+        + 6 * counts.language.active * text_tokens
+    )

@@ -1,0 +1,152 @@
+"""Shared pieces of the training tests: a tiny LLaVA dataset on disk, configs, and launchers.
+
+Runs of `cumo_megatron.train` happen in subprocesses (``python -m`` or ``torchrun``) so that a run
+can be killed with SIGKILL and restarted, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+from cumo_megatron.config.loader import save_config
+from cumo_megatron.config.presets import tiny
+from cumo_megatron.config.schema import DataConfig, ExperimentConfig, ParallelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_LENGTH = 256  # > every sample of make_dataset: nothing is truncated or skipped
+VOCAB = 320  # tests.fixtures.tiny_models.tiny_sentencepiece's vocabulary
+
+
+def make_dataset(directory: Path, num_images: int = 16, num_text: int = 4) -> dict:
+    """Tokenizer, images and a vicuna_v1 LLaVA JSON under ``directory``; returns their paths."""
+    from tests.fixtures.tiny_models import save_images, shape_sentences, tiny_sentencepiece
+
+    directory = Path(directory)
+    tokenizer = tiny_sentencepiece(directory / "tok")
+    images = save_images(directory / "images", num_images, size=32, seed=0)
+    sentences = shape_sentences(200, seed=1)
+    rng = random.Random(0)
+    records = []
+    for i, image in enumerate(images):
+        records.append({"id": f"img{i}", "image": image.name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": rng.choice(sentences)}]})
+    for i in range(num_text):
+        q, a = rng.choice(sentences), rng.choice(sentences)
+        records.append({"id": f"txt{i}", "conversations": [
+            {"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+    data = directory / "train.json"
+    data.write_text(json.dumps(records))
+    return {"tokenizer": str(tokenizer), "image_folder": str(directory / "images"), "file": str(data)}
+
+
+def tiny_model(stage: int = 3):
+    """The tiny CuMo for ``stage`` (MoE vision and connector in stage 3) at the tokenizer's vocab."""
+    model = tiny(moe=stage == 3)
+    model.language.vocab_size = VOCAB
+    return model
+
+
+def experiment(dataset: dict, save: str, stage: int = 3, **train) -> ExperimentConfig:
+    """The tiny CuMo experiment on the tiny dataset (MoE vision/connector in stage 3)."""
+    model = tiny_model(stage)
+    defaults = dict(stage=stage, lr=2e-3, warmup_fraction=0.2, global_batch_size=4, micro_batch_size=1,
+                    train_steps=6, save=save, save_interval=2, keep_last=2, distributed_optimizer=True)
+    defaults.update(train)
+    return ExperimentConfig(
+        model=model,
+        parallel=ParallelConfig(),
+        data=DataConfig(files=[dataset["file"]], image_folder=dataset["image_folder"], template="vicuna_v1",
+                        tokenizer=dataset["tokenizer"], max_length=MAX_LENGTH, num_workers=0),
+        train=TrainConfig(**defaults),
+        seed=1234,
+    )
+
+
+def write_config(cfg: ExperimentConfig, path: Path) -> Path:
+    """YAML of ``cfg`` (what a user passes with ``--config``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_LAUNCH_MARK = "CUMO_TEST_LAUNCH_ID"
+
+
+def _kill_marked(mark: str) -> None:
+    """SIGKILL leftovers of one launch, found by the marker in their environment (Linux /proc).
+
+    torchrun starts each rank in a session of its own, so killing the launch's session misses
+    the helpers of a rank that was SIGKILLed; the marker names exactly this launch's processes.
+    """
+    needle = f"{_LAUNCH_MARK}={mark}".encode()
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
+def launch(config: Path, overrides: list[str] = (), nproc: int = 1, env: dict | None = None,
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``cumo_megatron.train`` on ``nproc`` processes; return the finished process.
+
+    The run gets its own session, and whatever is left of it afterwards is killed: a rank killed
+    with SIGKILL orphans megatron's checkpoint-writer helper processes (a multiprocessing manager),
+    which would otherwise live on. Output goes to files, not pipes, for the same reason (an orphan
+    holding a pipe would keep it open).
+    """
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "cumo_megatron.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cumo_megatron.train"]
+    cmd += ["--config", str(config), *overrides]
+    full_env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    full_env[_LAUNCH_MARK] = uuid.uuid4().hex  # inherited by every process of this run
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the run's own session: orphans only
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            _kill_marked(full_env[_LAUNCH_MARK])
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, returncode, out.read(), err.read())
+
+
+def check(proc: subprocess.CompletedProcess, expect_rc: int = 0) -> None:
+    """Fail with the run's output when its exit status is not ``expect_rc``."""
+    if proc.returncode != expect_rc:
+        raise AssertionError(
+            f"train exited {proc.returncode}, expected {expect_rc}:\n--- stdout ---\n{proc.stdout[-4000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+
+
+def read_metrics(save: str | Path) -> list[dict]:
+    """Rows of ``<save>/metrics.jsonl``."""
+    path = Path(save) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
