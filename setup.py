@@ -24,11 +24,10 @@ setup(
         "numpy",
         "pillow",
         "matplotlib",  # the quickstart's expert-load plot
+        "tensorboard",  # training metrics beside metrics.jsonl
     ],
     extras_require={
         "test": ["pytest"],
-        # TensorBoard logs next to metrics.jsonl (training/metrics.py writes them when present).
-        "tensorboard": ["tensorboard"],
         # GPU-only: fused kernels and FP8. Never required on CPU.
         "gpu": ["transformer-engine[pytorch]"],
     },
