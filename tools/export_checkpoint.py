@@ -33,30 +33,18 @@ def main(argv=None) -> int:
     """Run the export; return the exit status."""
     args = parse_args(argv)
     from cumo_megatron.checkpoint.adapters.common import CheckpointError
-    from cumo_megatron.checkpoint.convert import Interrupted, export_checkpoint
+    from cumo_megatron.checkpoint.convert import Interrupted, TensorProgress, export_checkpoint
     from cumo_megatron.config.loader import ConfigError
 
-    bar = None
-
-    def progress(done: int, total: int, name: str) -> None:
-        nonlocal bar
-        if args.quiet:
-            return
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="tensor", desc="exporting", file=sys.stderr)
-        bar.update(done - bar.n)
+    progress = TensorProgress("exporting", args.quiet)
 
     try:
         summary = export_checkpoint(args.checkpoint, args.out, args.format, args.overwrite, progress)
     except (CheckpointError, ConfigError, FileNotFoundError, Interrupted, ValueError) as err:
-        if bar is not None:
-            bar.close()
+        progress.close()
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if bar is not None:
-        bar.close()
+    progress.close()
     print(summary.format())
     return 0
 

@@ -68,7 +68,13 @@ def main(argv=None) -> int:
     """Run the conversion; return the exit status."""
     args = parse_args(argv)
     from cumo_megatron.checkpoint.adapters.common import CheckpointError
-    from cumo_megatron.checkpoint.convert import Interrupted, Sources, UpcycleOptions, import_checkpoint
+    from cumo_megatron.checkpoint.convert import (
+        Interrupted,
+        Sources,
+        TensorProgress,
+        UpcycleOptions,
+        import_checkpoint,
+    )
     from cumo_megatron.config.loader import ConfigError
     from cumo_megatron.config.schema import ParallelConfig
 
@@ -81,27 +87,15 @@ def main(argv=None) -> int:
         top_k=args.top_k, vision_layers=args.vision_layers, seed=args.router_seed,
     )
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
-    bar = None
-
-    def progress(done: int, total: int, name: str) -> None:
-        nonlocal bar
-        if args.quiet:
-            return
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="tensor", desc="converting", file=sys.stderr)
-        bar.update(done - bar.n)
+    progress = TensorProgress("converting", args.quiet)
 
     try:
         summary = import_checkpoint(sources, args.out, upcycle, parallel, args.overrides, args.overwrite, progress)
     except (CheckpointError, ConfigError, FileNotFoundError, Interrupted, ValueError) as err:
-        if bar is not None:
-            bar.close()
+        progress.close()
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if bar is not None:
-        bar.close()
+    progress.close()
     print(summary.format())
     return 0
 

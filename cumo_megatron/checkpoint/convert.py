@@ -734,3 +734,30 @@ _RELEASE_ONLY_FIELDS = (
     "router_z_loss_coef", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "image_aspect_ratio",
     "tokenizer_model_max_length", "tokenizer_padding_side", "use_mm_proj", "local_rank",
 )
+
+
+class TensorProgress:
+    """The tools' progress callback: a tqdm bar over tensors on stderr, made on the first update."""
+
+    def __init__(self, desc: str, quiet: bool = False):
+        self.desc = desc
+        self.quiet = quiet
+        self.bar = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        """Advance the bar to ``done`` of ``total`` tensors."""
+        if self.quiet:
+            return
+        if self.bar is None:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="tensor", desc=self.desc, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        """Close the bar if one was shown."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
