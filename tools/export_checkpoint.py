@@ -32,21 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Run the export; return the exit status."""
     args = parse_args(argv)
-    from cumo_megatron.checkpoint.adapters.common import CheckpointError
-    from cumo_megatron.checkpoint.convert import Interrupted, TensorProgress, export_checkpoint
-    from cumo_megatron.config.loader import ConfigError
+    from cumo_megatron.checkpoint.convert import export_checkpoint, run_cli
 
-    progress = TensorProgress("exporting", args.quiet)
-
-    try:
-        summary = export_checkpoint(args.checkpoint, args.out, args.format, args.overwrite, progress)
-    except (CheckpointError, ConfigError, FileNotFoundError, Interrupted, ValueError) as err:
-        progress.close()
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    progress.close()
-    print(summary.format())
-    return 0
+    return run_cli(
+        "exporting", args.quiet,
+        lambda progress: export_checkpoint(args.checkpoint, args.out, args.format, args.overwrite, progress),
+    )
 
 
 if __name__ == "__main__":  # megatron's checkpoint writer may re-import __main__ in workers

@@ -67,15 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Run the conversion; return the exit status."""
     args = parse_args(argv)
-    from cumo_megatron.checkpoint.adapters.common import CheckpointError
     from cumo_megatron.checkpoint.convert import (
-        Interrupted,
         Sources,
-        TensorProgress,
         UpcycleOptions,
         import_checkpoint,
+        run_cli,
     )
-    from cumo_megatron.config.loader import ConfigError
     from cumo_megatron.config.schema import ParallelConfig
 
     sources = Sources(
@@ -87,17 +84,12 @@ def main(argv=None) -> int:
         top_k=args.top_k, vision_layers=args.vision_layers, seed=args.router_seed,
     )
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
-    progress = TensorProgress("converting", args.quiet)
-
-    try:
-        summary = import_checkpoint(sources, args.out, upcycle, parallel, args.overrides, args.overwrite, progress)
-    except (CheckpointError, ConfigError, FileNotFoundError, Interrupted, ValueError) as err:
-        progress.close()
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    progress.close()
-    print(summary.format())
-    return 0
+    return run_cli(
+        "converting", args.quiet,
+        lambda progress: import_checkpoint(
+            sources, args.out, upcycle, parallel, args.overrides, args.overwrite, progress
+        ),
+    )
 
 
 if __name__ == "__main__":  # megatron's checkpoint writer may re-import __main__ in workers

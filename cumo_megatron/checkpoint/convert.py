@@ -761,3 +761,22 @@ class TensorProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def run_cli(desc: str, quiet: bool, convert) -> int:
+    """Run ``convert(progress)`` for a tool: print its summary, or one ``error:`` line; exit status."""
+    import sys
+
+    from cumo_megatron.checkpoint.adapters.common import CheckpointError
+    from cumo_megatron.config.loader import ConfigError
+
+    progress = TensorProgress(desc, quiet)
+    try:
+        summary = convert(progress)
+    except (CheckpointError, ConfigError, FileNotFoundError, Interrupted, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    print(summary.format())
+    return 0
