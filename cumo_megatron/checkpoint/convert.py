@@ -11,9 +11,12 @@
 Round trips are bit-exact: tensors the model does not use are kept in ``passthrough.safetensors``
 and the sources' dtypes and JSON configs are recorded, so an export rewrites the source.
 
-Memory: the converted model is held once (a world-of-one model built without initialisation,
-filled tensor by tensor from the lazy source), so peak memory is about the model's size, not
-twice it; upcycling from a dense checkpoint also holds the dense state dict.
+Memory: a small multiple of the largest tensor, never the model's size. Sources are read tensor
+by tensor (`io.open_checkpoint`, `streaming.LazyCheckpointState`); converted tensors are checked
+against a model built on the meta device and parked in a spill file inside the output's temp
+directory, from which megatron's writer fetches them one at a time (`streaming.save_streaming`).
+Upcycling parks the dense tensors first and copies experts from the spill. Exports read our
+checkpoints one tensor at a time too.
 
 Outputs are atomic (`atomic_output`): written to a hidden sibling temp directory and renamed into
 place at the end; on any error, SIGINT or SIGTERM nothing is left behind.
@@ -30,7 +33,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -272,14 +275,13 @@ def build_empty_model(model_cfg: ModelConfig):
         return build_model(model_cfg, ParallelConfig())
 
 
-def _fresh_connector(model_cfg: ModelConfig, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _fresh_connector(model_cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """A freshly initialised connector (stage 1 trains it from scratch), seeded."""
     from cumo_megatron.models.connector import build_connector
 
     torch.manual_seed(seed)
-    for name, tensor in build_connector(model_cfg).state_dict().items():
-        if not name.endswith("_extra_state"):
-            yield "connector." + name, tensor
+    state = build_connector(model_cfg).state_dict()
+    return {"connector." + name: t for name, t in state.items() if not name.endswith("_extra_state")}
 
 
 def count_params(model) -> dict:
@@ -304,8 +306,7 @@ def _module_of(name: str) -> str:
 @dataclass
 class _Plan:
     model_cfg: ModelConfig  # what the source holds (dense or not)
-    stream: Iterable[tuple[str, torch.Tensor]]  # our names
-    count: int  # tensors the stream yields (for progress)
+    source: object  # our names -> tensors, random access (`streaming`'s names / shape / get)
     passthrough: dict = field(default_factory=dict)  # "<module>::<source key>" -> tensor
     info: dict = field(default_factory=dict)  # provenance recorded in conversion.json
     source_jsons: dict = field(default_factory=dict)  # "<module>/<file>" -> path
@@ -345,7 +346,7 @@ def _plan_modules(sources: Sources, overrides: Sequence[str]) -> _Plan:
     lsrc = open_checkpoint(sources.language)
     model_cfg = ModelConfig(vision=vision_cfg, connector=ConnectorConfig(), language=language_cfg)
     model_cfg = _apply_overrides(model_cfg, overrides)
-    streams = [clip_to_megatron(vsrc, model_cfg.vision, layout=vlayout)]
+    source = clip_to_megatron(vsrc, model_cfg.vision, layout=vlayout)
     passthrough = {f"vision::{k}": vsrc[k] for k in clip_unused_keys(vsrc.keys(), model_cfg.vision, vlayout)}
     info = {
         "kind": "modules",
@@ -356,31 +357,30 @@ def _plan_modules(sources: Sources, overrides: Sequence[str]) -> _Plan:
     if not fresh:
         csrc = open_checkpoint(sources.connector)
         clayout, cprefix = locate_connector(csrc.keys())
-        streams.append(connector_to_megatron(csrc, model_cfg, layout=clayout))
+        source = source + connector_to_megatron(csrc, model_cfg, layout=clayout)
         info["connector"] = {"path": str(sources.connector), "layout": clayout, "prefix": cprefix}
-    streams.append(hf_lm_to_megatron(lsrc, model_cfg.language))
+    source = source + hf_lm_to_megatron(lsrc, model_cfg.language)
     passthrough.update({f"language::{k}": lsrc[k] for k in hf_lm_unused_keys(lsrc.keys(), model_cfg.language)})
     jsons = {**_jsons_of(sources.vision if sources.vision.is_dir() else None, "vision"), **_jsons_of(lang_dir, "language")}
-    return _Plan(model_cfg, _chain(streams), 0, passthrough, info, jsons, fresh_connector=fresh)
+    return _Plan(model_cfg, source, passthrough, info, jsons, fresh_connector=fresh)
 
 
 def _plan_release(sources: Sources, overrides: Sequence[str]) -> _Plan:
     src = open_checkpoint(sources.cumo)
     model_cfg = model_config_from_release(sources.cumo, clip_dir=sources.clip_dir)
     model_cfg = _apply_overrides(model_cfg, overrides)
-    stream = release_to_megatron(src, model_cfg)
+    source = release_to_megatron(src, model_cfg)
     passthrough = {f"release::{k}": src[k] for k in release_unused_keys(src.keys(), model_cfg)}
     info = {"kind": "release", "release": {"path": str(sources.cumo)}}
-    return _Plan(model_cfg, stream, 0, passthrough, info, _jsons_of(sources.cumo, "release"))
+    return _Plan(model_cfg, source, passthrough, info, _jsons_of(sources.cumo, "release"))
 
 
 def _plan_ours(sources: Sources, overrides: Sequence[str]) -> _Plan:
+    from cumo_megatron.checkpoint.streaming import LazyCheckpointState, build_meta_model
+
     directory = sources.from_checkpoint
     model_cfg = ours.read_model_config(directory)
-    model = build_empty_model(model_cfg)
-    ours.load_model_checkpoint(model, directory)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    del model
+    state = LazyCheckpointState(build_meta_model(model_cfg), directory)  # one tensor at a time
     if overrides:
         model_cfg = _apply_overrides(model_cfg, overrides)
     info = dict(ours.read_conversion_info(directory))
@@ -389,7 +389,7 @@ def _plan_ours(sources: Sources, overrides: Sequence[str]) -> _Plan:
     jsons = {}
     if src_dir.is_dir():
         jsons = {str(p.relative_to(src_dir)): p for p in src_dir.rglob("*.json")}
-    return _Plan(model_cfg, list(state.items()), len(state), ours.read_passthrough(directory), info, jsons)
+    return _Plan(model_cfg, state, ours.read_passthrough(directory), info, jsons)
 
 
 def _chain(streams: list) -> Iterator:
@@ -471,53 +471,71 @@ def import_checkpoint(
     parallel.validate()
     check_parallel_layout(target_cfg, parallel)
 
-    with atomic_output(out, overwrite) as tmp:
-        model = build_empty_model(target_cfg)
-        expected = [k for k, v in model.state_dict().items() if not k.endswith("_extra_state")]
-        total = len(expected)
-        stream = plan.stream
-        if plan.fresh_connector:
-            stream = _chain([stream, _fresh_connector(plan.model_cfg, upcycle.seed)])
-        dtypes: dict[str, str] = dict(plan.info.get("dtypes", {}))
-        if upcycle.any:
-            from cumo_megatron.moe.upcycling import upcycle_state_dict
+    from cumo_megatron.checkpoint.io import check_named_tensors
+    from cumo_megatron.checkpoint.streaming import (
+        DictSource, SourceChain, SpillSource, TensorSpill, build_meta_model, meta_tensors,
+    )
 
-            dense = {}
-            for name, tensor in stream:
-                dense[name] = tensor
-                if tensor.is_floating_point():
-                    dtypes.setdefault(_module_of(name), str(tensor.dtype).replace("torch.", ""))
-            try:
-                stream = upcycle_state_dict(dense, target_cfg, upcycle.seed).items()
-            except ConfigError as err:
-                raise CheckpointError(str(err)) from err
+    with atomic_output(out, overwrite) as tmp:
+        model = build_meta_model(target_cfg)  # shapes only: tensors go from the source to the writer
+        expected = meta_tensors(model)
+        source = plan.source
+        if plan.fresh_connector:
+            source = SourceChain([source, DictSource(_fresh_connector(plan.model_cfg, upcycle.seed))])
+        dtypes: dict[str, str] = dict(plan.info.get("dtypes", {}))
         delay = _delay()
+        total = len(expected) + (len(source.names()) if upcycle.any else 0)
         done = 0
 
-        def tracked():
+        def note(name: str, tensor: torch.Tensor) -> None:
             nonlocal done
-            for name, tensor in stream:
-                if tensor.is_floating_point():
-                    dtypes.setdefault(_module_of(name), str(tensor.dtype).replace("torch.", ""))
-                yield name, tensor
-                done += 1
-                if progress is not None:
-                    progress(done, total, name)
-                if delay:
-                    time.sleep(delay)
+            if tensor.is_floating_point():
+                dtypes.setdefault(_module_of(name), str(tensor.dtype).replace("torch.", ""))
+            done += 1
+            if progress is not None:
+                progress(done, total, name)
+            if delay:
+                time.sleep(delay)
 
-        from cumo_megatron.checkpoint.io import load_into
+        spill = None
+        try:
+            if upcycle.any:
+                from cumo_megatron.moe.upcycling import upcycle_sources
 
-        load_into(model, tracked())
-        info = dict(plan.info)
-        info.update(
-            dtypes=dtypes,
-            target_layout=dataclasses.asdict(parallel),
-            upcycled=dataclasses.asdict(upcycle) if upcycle.any else None,
-            upcycled_history=list(plan.info.get("upcycled_history", [])) + ([dataclasses.asdict(upcycle)] if upcycle.any else []),
-            fresh_connector=plan.fresh_connector or plan.info.get("fresh_connector", False),
-        )
-        ours.save_model_checkpoint(model, target_cfg, tmp, passthrough=plan.passthrough, info=info)
+                # The dense model only exists as tensors to copy from: park it on disk, in order.
+                spill = TensorSpill(tmp / ".dense.spill")
+                for name in source.names():
+                    tensor = source.get(name)
+                    note(name, tensor)
+                    spill.put(name, tensor)
+                try:
+                    source = SpillSource(spill, upcycle_sources(spill.metas(), target_cfg, upcycle.seed))
+                except ConfigError as err:
+                    raise CheckpointError(str(err)) from err
+            # Names and shapes are checked before anything is written.
+            shapes = ((n, torch.empty(source.shape(n), device="meta")) for n in source.names())
+            check_named_tensors(expected, shapes, lambda name, tensor: None)
+            written: set[str] = set()
+
+            def tensor_for(name: str) -> torch.Tensor:
+                tensor = source.get(name)
+                if name not in written:  # a SwiGLU fc1 is asked for once per half
+                    written.add(name)
+                    note(name, tensor)
+                return tensor
+
+            info = dict(plan.info)
+            info.update(
+                dtypes=dtypes,  # filled while writing; the sidecars are written after the tensors
+                target_layout=dataclasses.asdict(parallel),
+                upcycled=dataclasses.asdict(upcycle) if upcycle.any else None,
+                upcycled_history=list(plan.info.get("upcycled_history", [])) + ([dataclasses.asdict(upcycle)] if upcycle.any else []),
+                fresh_connector=plan.fresh_connector or plan.info.get("fresh_connector", False),
+            )
+            ours.save_model_checkpoint_streaming(model, tensor_for, target_cfg, tmp, passthrough=plan.passthrough, info=info)
+        finally:
+            if spill is not None:
+                spill.close()
         for rel, path in plan.source_jsons.items():
             dest = tmp / ours.SOURCE_DIR / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -641,9 +659,12 @@ def export_checkpoint(
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists; choose another --out or pass --overwrite")
     _world_of_one()
-    model = build_empty_model(model_cfg)
-    ours.load_model_checkpoint(model, checkpoint)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    from cumo_megatron.checkpoint.streaming import LazyCheckpointState, build_meta_model
+
+    model = build_meta_model(model_cfg)
+    if not ours.is_model_checkpoint(checkpoint):
+        ours.read_model_config(checkpoint)  # raises, naming what is missing
+    state = LazyCheckpointState(model, checkpoint)  # tensors load one at a time, as they are written
     params = count_params(model)
     del model
     passthrough = _split_passthrough(ours.read_passthrough(checkpoint))

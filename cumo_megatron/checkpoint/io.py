@@ -5,7 +5,8 @@ without reading any tensor, and whose tensors are read from disk only when asked
 (a directory, or one of these files directly):
 
 * ``model.safetensors`` or shards + ``model.safetensors.index.json`` (Mistral, Mixtral, today's
-  ``save_pretrained``); read with ``safetensors.safe_open`` tensor by tensor;
+  ``save_pretrained``); headers checked with ``safetensors.safe_open``, tensors read one by one
+  with positioned reads (`SafetensorsReader`);
 * ``pytorch_model.bin`` or shards + ``pytorch_model.bin.index.json`` (Vicuna-7B-v1.5); each
   shard is loaded with ``torch.load(weights_only=True, mmap=True)`` when first needed, and at most
   one ``.bin`` shard is held at a time;
@@ -19,7 +20,9 @@ value in them is refused. Damaged files fail with the file named.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import struct
 import zipfile
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -114,12 +117,65 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(loaded)
 
 
+# safetensors dtype names -> torch dtypes (the ones model weights use).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """Reads tensors of one safetensors file with positioned reads into fresh memory.
+
+    ``safe_open`` memory-maps the file: every page a read touches stays mapped, and counted in
+    the process's resident memory, until the handle is closed, so reading a whole multi-GB
+    checkpoint through one handle makes the process as big as the checkpoint. Plain ``pread``
+    into a new tensor keeps only what the caller holds. The header is validated by
+    `_safetensors_keys` (through ``safe_open``) before this reader is used.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with self.path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + length
+        self._entries = header
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of ``key`` from the header."""
+        return tuple(self._entries[key]["shape"])
+
+    def get(self, key: str) -> torch.Tensor:
+        """A new tensor holding ``key``."""
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: {key!r} has dtype {entry['dtype']}, which cumo-megatron does not read")
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=dtype)
+        if out.numel() * out.element_size() != end - begin:
+            raise CheckpointError(f"{self.path}: {key!r} has {end - begin} bytes for shape {entry['shape']}; the file is damaged")
+        if end > begin:
+            from cumo_megatron.checkpoint.streaming import byte_view
+
+            view = byte_view(out)
+            with self.path.open("rb", buffering=0) as handle:
+                got = os.preadv(handle.fileno(), [view], self._data_start + begin)
+            if got != end - begin:
+                raise CheckpointError(f"{self.path} is truncated: reading {key!r} got {got} of {end - begin} bytes")
+        return out
+
+
 class LazyStateDict(Mapping):
     """Read-only ``name -> Tensor`` view of a checkpoint; tensors are read on access.
 
     ``keys()`` / ``in`` / ``len`` never read tensor data. Safetensors files are read tensor by
     tensor; pickled ``.bin`` shards are loaded whole (memory-mapped) on first access, and only the
-    most recently used one is kept. ``source`` names the checkpoint in errors.
+    most recently used one is kept (peak memory can reach one shard's size). Every tensor handed
+    out is the caller's own. ``source`` names the checkpoint in errors.
     """
 
     def __init__(self, source: PathLike, weight_map: dict[str, Path], description: str = ""):
@@ -148,9 +204,11 @@ class LazyStateDict(Mapping):
         path = self._weight_map[key]
         if path.suffix == ".safetensors":
             try:
-                return self._safetensors_handle(path).get_tensor(key)
+                return self._safetensors_handle(path).get(key)
+            except CheckpointError:
+                raise
             except Exception as err:
-                if "not found" in str(err).lower() or "TensorNotFound" in str(err):
+                if isinstance(err, KeyError) or "not found" in str(err).lower():
                     raise CheckpointError(
                         f"{path} does not hold {key!r} although the index of {self.description} says "
                         "it does; the index and the shards do not belong together"
@@ -165,13 +223,14 @@ class LazyStateDict(Mapping):
                 f"{path} does not hold {key!r} although the index of {self.description} says it does; "
                 "the index and the shards do not belong together"
             )
-        return tensors[key]
+        # A copy: callers own what they get (the streaming writer frees tensors once written),
+        # and the cached shard must stay intact for the next key.
+        return tensors[key].clone()
 
-    def _safetensors_handle(self, path: Path):
-        # Handles memory-map their file: keeping one per shard open costs address space only.
+    def _safetensors_handle(self, path: Path) -> "SafetensorsReader":
         handle = self._handles.get(path)
         if handle is None:
-            handle = self._handles[path] = safe_open(str(path), framework="pt")
+            handle = self._handles[path] = SafetensorsReader(path)
         return handle
 
     def __iter__(self) -> Iterator[str]:
@@ -264,36 +323,38 @@ def tensor_shape(src: Mapping, key: str) -> tuple[int, ...]:
     if isinstance(src, LazyStateDict):
         path = src.file_of(key)
         if path.suffix == ".safetensors":
-            return tuple(src._safetensors_handle(path).get_slice(key).get_shape())
+            return src._safetensors_handle(path).shape(key)
     return tuple(src[key].shape)
 
 
-def load_into(module: torch.nn.Module, named_tensors, strict: bool = True) -> list[str]:
-    """Copy ``(name, tensor)`` pairs into ``module``'s state dict; returns the names loaded.
+def check_named_tensors(expected: Mapping[str, torch.Tensor], named_tensors, sink, strict: bool = True) -> list[str]:
+    """Check ``(name, tensor)`` pairs against ``expected`` (name -> tensor of the right shape) and
+    hand each good one to ``sink(name, tensor)``; returns the names given.
 
-    With ``strict`` every parameter and persistent buffer must be given exactly once and no
-    unknown name may appear (megatron's empty ``_extra_state`` entries are exempt), and shapes must
-    match; errors list the offending names.
+    With ``strict`` every expected name must be given exactly once and no unknown name may
+    appear (megatron's empty ``_extra_state`` entries are exempt); shapes must always match.
+    Errors (`CheckpointError`) list the offending names.
     """
-    own = module.state_dict(keep_vars=True)
     seen: list[str] = []
+    given: set[str] = set()
     unknown: list[str] = []
     shape_errors: list[str] = []
-    with torch.no_grad():
-        for name, tensor in named_tensors:
-            target = own.get(name)
-            if target is None or not isinstance(target, torch.Tensor):
-                unknown.append(name)
-                continue
-            if tuple(target.shape) != tuple(tensor.shape):
-                shape_errors.append(f"{name}: model {tuple(target.shape)} vs checkpoint {tuple(tensor.shape)}")
-                continue
-            target.copy_(tensor)
-            seen.append(name)
+    for name, tensor in named_tensors:
+        target = expected.get(name)
+        if target is None or not isinstance(target, torch.Tensor):
+            unknown.append(name)
+            continue
+        if tuple(target.shape) != tuple(tensor.shape):
+            shape_errors.append(f"{name}: model {tuple(target.shape)} vs checkpoint {tuple(tensor.shape)}")
+            continue
+        if name not in given:
+            sink(name, tensor)
+            given.add(name)
+        seen.append(name)
     duplicates = sorted(n for n, count in Counter(seen).items() if count > 1)
-    seen_set = set(seen)
     missing = [
-        n for n, v in own.items() if isinstance(v, torch.Tensor) and n not in seen_set and not n.endswith("_extra_state")
+        n for n, v in expected.items()
+        if isinstance(v, torch.Tensor) and n not in given and not n.endswith("_extra_state")
     ]
     problems = []
     if shape_errors:
@@ -307,6 +368,17 @@ def load_into(module: torch.nn.Module, named_tensors, strict: bool = True) -> li
     if problems:
         raise CheckpointError("loading into the model failed: " + "; ".join(problems))
     return seen
+
+
+def load_into(module: torch.nn.Module, named_tensors, strict: bool = True) -> list[str]:
+    """Copy ``(name, tensor)`` pairs into ``module``'s state dict; returns the names loaded.
+
+    Checked as `check_named_tensors` does (``strict``: every parameter and persistent buffer
+    exactly once, no unknown name; shapes always).
+    """
+    own = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        return check_named_tensors(own, named_tensors, lambda name, tensor: own[name].copy_(tensor), strict)
 
 
 def write_safetensors(

@@ -86,6 +86,17 @@ def _ensure_process_group() -> None:
         platform.initialize(platform.ParallelSizes(), seed=0)
 
 
+def _write_sidecars(model_cfg: ModelConfig, out_dir: Path, passthrough, info) -> None:
+    """Rank 0's part of a model checkpoint: the config, passthrough tensors and provenance."""
+    save_config(model_cfg, out_dir / MODEL_CONFIG)
+    if passthrough:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in passthrough.items()}, str(out_dir / PASSTHROUGH))
+    if info is not None:
+        (out_dir / CONVERSION_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def save_model_checkpoint(
     model,
     model_cfg: ModelConfig,
@@ -109,14 +120,31 @@ def save_model_checkpoint(
     torch.distributed.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(out_dir))
     if rank == 0:
-        save_config(model_cfg, out_dir / MODEL_CONFIG)
-        if passthrough:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in passthrough.items()}, str(out_dir / PASSTHROUGH))
-        if info is not None:
-            (out_dir / CONVERSION_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _write_sidecars(model_cfg, out_dir, passthrough, info)
     torch.distributed.barrier()
+
+
+def save_model_checkpoint_streaming(
+    meta_model,
+    tensor_for,
+    model_cfg: ModelConfig,
+    out_dir: PathLike,
+    passthrough: Optional[Mapping[str, torch.Tensor]] = None,
+    info: Optional[dict] = None,
+) -> None:
+    """Write a model checkpoint one tensor at a time (world of one; the conversion tools' path).
+
+    ``meta_model`` is the model built on the meta device (`streaming.build_meta_model`);
+    ``tensor_for(name)`` returns each state-dict tensor when the writer needs it, as a tensor
+    the writer may free (`streaming.save_streaming`). Same files as `save_model_checkpoint`.
+    """
+    from cumo_megatron.checkpoint.streaming import save_streaming
+
+    _ensure_process_group()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_streaming(meta_model, tensor_for, out_dir)
+    _write_sidecars(model_cfg, out_dir, passthrough, info)
 
 
 def load_model_checkpoint(model, directory: PathLike, strict: bool = True) -> None:
@@ -164,6 +192,7 @@ __all__ = [
     "read_conversion_info",
     "read_passthrough",
     "save_model_checkpoint",
+    "save_model_checkpoint_streaming",
     "load_model_checkpoint",
     "checkpoint_bytes",
 ]

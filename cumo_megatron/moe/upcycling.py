@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,8 @@ def fresh_router_weight(
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     weight = torch.empty(num_experts, in_features, dtype=torch.float32)
     torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-    return weight.to(dtype=like.dtype, device=like.device)
+    # ``like`` may be a meta tensor standing for a weight on disk (streaming conversion).
+    return weight.to(dtype=like.dtype, device="cpu" if like.is_meta else like.device)
 
 
 def _keys_under(state_dict: dict, prefix: str) -> list[str]:
@@ -100,16 +102,14 @@ def _check_dense_source(state_dict: dict, mlp: _DenseMLP, what: str) -> list[str
 
 
 def _emit_upcycled(out: dict, state_dict: dict, keys: list[str], mlp: _DenseMLP, seed: int) -> None:
-    """Router first, then each expert's copies, in the order a built MoE model lists them."""
+    """Router first, then each expert's source keys, in the order a built MoE model lists them."""
     router_name = mlp.prefix + "router.weight"
     like = state_dict[mlp.prefix + "linear_fc1.weight"]
     out[router_name] = fresh_router_weight(router_name, mlp.num_experts, mlp.router_in, seed, like)
     for j in range(mlp.num_experts):
         expert = mlp.prefix + mlp.expert_prefix.format(j=j)
         for key in keys:
-            value = state_dict[key]
-            # Independent copies: experts must diverge once training updates them.
-            out[expert + key[len(mlp.prefix):]] = value.clone() if isinstance(value, torch.Tensor) else value
+            out[expert + key[len(mlp.prefix):]] = key
 
 
 def _layer_indices(state_dict: dict, pattern: re.Pattern) -> set[int]:
@@ -206,14 +206,13 @@ def _language_mlps(state_dict: dict, cfg: ModelConfig) -> list[tuple[_DenseMLP, 
     return mlps
 
 
-def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], model_cfg: ModelConfig, seed: int) -> dict:
-    """The MoE model's state dict from a dense one: experts = exact copies, routers fresh.
+def upcycle_sources(dense_sd: Mapping[str, torch.Tensor], model_cfg: ModelConfig, seed: int) -> dict:
+    """Where each tensor of the upcycled state dict comes from, without copying any data.
 
-    ``dense_sd`` is a world-of-one ``CuMoModel.state_dict()`` of the dense model; ``model_cfg``
-    describes the MoE model to build (which vision layers are MoE, the connector's and, optionally,
-    the LLM's MoE). Routers are seeded by ``seed`` and their names: the same seed gives the same
-    routers. Raises `ConfigError` when the source is already MoE where the config asks for an
-    upcycle, or when its shapes do not match the config.
+    Returns ``{name: source}`` in the order a built MoE model lists its tensors, where ``source``
+    is the dense key (a ``str``: the tensor passes through, or an expert copies it) or a tensor
+    (a fresh router). ``dense_sd`` is only asked for names, shapes and dtypes, so it may hold meta
+    tensors standing for weights on disk. Checks and errors as `upcycle_state_dict`.
     """
     plan = (
         _vision_mlps(dense_sd, model_cfg)
@@ -229,10 +228,32 @@ def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], model_cfg: ModelConfig
     upcycled_keys = {key for _, keys in keys_of.values() for key in keys}
 
     out: dict = {}
-    for key, value in dense_sd.items():
+    for key in dense_sd:
         if key in first_key:
             mlp, keys = keys_of[first_key[key]]
             _emit_upcycled(out, dense_sd, keys, mlp, seed)
         elif key not in upcycled_keys:
-            out[key] = value
+            out[key] = key
+    return out
+
+
+def upcycle_state_dict(dense_sd: dict[str, torch.Tensor], model_cfg: ModelConfig, seed: int) -> dict:
+    """The MoE model's state dict from a dense one: experts = exact copies, routers fresh.
+
+    ``dense_sd`` is a world-of-one ``CuMoModel.state_dict()`` of the dense model; ``model_cfg``
+    describes the MoE model to build (which vision layers are MoE, the connector's and, optionally,
+    the LLM's MoE). Routers are seeded by ``seed`` and their names: the same seed gives the same
+    routers. Tensors that are not upcycled pass through (same object); experts are independent
+    copies. Raises `ConfigError` when the source is already MoE where the config asks for an
+    upcycle, or when its shapes do not match the config.
+    """
+    out = {}
+    for name, source in upcycle_sources(dense_sd, model_cfg, seed).items():
+        if not isinstance(source, str):
+            out[name] = source
+        elif name == source:
+            out[name] = dense_sd[source]
+        else:  # independent copies: experts must diverge once training updates them
+            value = dense_sd[source]
+            out[name] = value.clone() if isinstance(value, torch.Tensor) else value
     return out

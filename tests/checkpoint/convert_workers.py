@@ -11,7 +11,7 @@ from cumo_megatron.models.cumo import build_model
 def reshard(checkpoint: str, layouts: list[dict], out_prefix: str) -> list[dict]:
     """Load our checkpoint at each layout and save it again from that layout.
 
-    For every layout ``{"tp", "pp", "ep"}``: bring up the groups, build the model for this rank's
+    For every layout ``{"tp", "pp", "ep"[, "etp"]}``: bring up the groups, build the model for this rank's
     stage, `ours.load_model_checkpoint` (megatron reshards the global tensors), record what this
     rank holds, and `ours.save_model_checkpoint` to ``{out_prefix}-tp{tp}pp{pp}ep{ep}``.
     Returns, per layout, the number of parameters this rank held (a shard, so less than the whole).
@@ -19,8 +19,9 @@ def reshard(checkpoint: str, layouts: list[dict], out_prefix: str) -> list[dict]
     model_cfg = ours.read_model_config(checkpoint)
     held = []
     for layout in layouts:
-        platform.initialize(platform.ParallelSizes(tp=layout["tp"], pp=layout["pp"], ep=layout["ep"]), seed=3)
-        parallel = ParallelConfig(tp=layout["tp"], pp=layout["pp"], ep=layout["ep"])
+        sizes = dict(tp=layout["tp"], pp=layout["pp"], ep=layout["ep"], etp=layout.get("etp"))
+        platform.initialize(platform.ParallelSizes(**sizes), seed=3)
+        parallel = ParallelConfig(**sizes)
         model = build_model(model_cfg, parallel)
         ours.load_model_checkpoint(model, checkpoint)
         out = f"{out_prefix}-tp{layout['tp']}pp{layout['pp']}ep{layout['ep']}"

@@ -148,11 +148,15 @@ def test_other_source_layouts_round_trip(tmp_path, vision_layout, lm_kind, lm_la
 
 
 def test_release_round_trip_at_tp2_ep2_pp2(sources, tmp_path):
-    """CuMo-Mixtral release -> ours -> re-saved by 2 ranks at TP2 / EP2 / PP2 -> release: identical."""
+    """CuMo-Mixtral release -> ours -> re-saved by 2 ranks at TP2 x EP2 / EP2 / PP2 -> release: identical.
+
+    TP2 x EP2 on 2 ranks is megatron's MoE parallel folding: attention split over TP, the LLM's
+    experts over EP (expert TP 1) on the same 2 ranks.
+    """
     ckpt = tmp_path / "ours-release"
     summary = import_checkpoint(Sources(cumo=sources["release"]), ckpt, parallel=ParallelConfig(tp=2, ep=2))
     assert summary.params["vision"]["active"] < summary.params["vision"]["total"]  # MoE: top-2 of 4
-    layouts = [dict(tp=2, pp=1, ep=1), dict(tp=1, pp=1, ep=2), dict(tp=1, pp=2, ep=1)]
+    layouts = [dict(tp=2, pp=1, ep=2, etp=1), dict(tp=1, pp=1, ep=2), dict(tp=1, pp=2, ep=1)]
     held = run_distributed("tests.checkpoint.convert_workers:reshard", world_size=2,
                            args=dict(checkpoint=str(ckpt), layouts=layouts, out_prefix=str(tmp_path / "re")))
     release = _tensors(sources["release"])

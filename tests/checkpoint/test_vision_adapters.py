@@ -336,7 +336,12 @@ def test_conversion_streams_tensors_one_at_a_time(tf4_checkpoint):
     src = CountingMapping(sd)
     stream = clip_to_megatron(src, cfg)
     assert src.reads == []
-    name, _ = next(stream)
-    assert name == "vision.vit.class_token" and src.reads == ["vision_model.embeddings.class_embedding"]
-    list(stream)
+    names = stream.names()  # random access: names and shapes without reading
+    assert stream.shape("vision.vit.class_token") == (1, 1, cfg.hidden_size) and src.reads == []
+    pairs = iter(stream)
+    name, _ = next(pairs)
+    assert name == names[0] == "vision.vit.class_token" and src.reads == ["vision_model.embeddings.class_embedding"]
+    list(pairs)
     assert len(src.reads) == len(set(src.reads)) == len(sd) - len(clip_unused_keys(sd.keys(), cfg))
+    src.reads.clear()
+    assert torch.equal(stream.get(names[-1]), dict(clip_to_megatron(sd, cfg))[names[-1]]) and len(src.reads) == 1

@@ -86,11 +86,51 @@ def fetch(src: Mapping[str, torch.Tensor], key: str, shape: Shape, where: str) -
     return tensor
 
 
-def stream_to_ours(rules: Sequence[Rule], src: Mapping[str, torch.Tensor], where: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield our tensors rule by rule, reading each source tensor only when its rule runs."""
-    for rule in rules:
+class RuleStream:
+    """Our tensors made from sources by rules, read only when asked for.
+
+    Iterating yields ``(our name, tensor)`` in rule order (a stream, as the adapters' callers
+    consume it); `names` / `shape` / `get` give random access for a writer that chooses its own
+    order (`cumo_megatron.checkpoint.streaming`). ``a + b`` concatenates two streams.
+    """
+
+    def __init__(self, entries: Sequence[tuple[Rule, Mapping[str, torch.Tensor], str]]):
+        self._entries = list(entries)
+        self._by_name = {rule.ours: (rule, src, where) for rule, src, where in self._entries}
+
+    @classmethod
+    def of(cls, rules: Sequence[Rule], src: Mapping[str, torch.Tensor], where: str) -> "RuleStream":
+        """The stream of ``rules`` over one source (``where`` names it in errors)."""
+        return cls([(rule, src, where) for rule in rules])
+
+    def __add__(self, other: "RuleStream") -> "RuleStream":
+        return RuleStream(self._entries + other._entries)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for rule, src, where in self._entries:
+            yield rule.ours, self._make(rule, src, where)
+
+    def names(self) -> list[str]:
+        """Our tensor names, in rule order."""
+        return [rule.ours for rule, _, _ in self._entries]
+
+    def shape(self, name: str) -> Shape:
+        """The shape ``name`` will have (from the configuration; nothing is read)."""
+        return tuple(self._by_name[name][0].ours_shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Make our tensor ``name`` now (reading its source tensors)."""
+        return self._make(*self._by_name[name])
+
+    @staticmethod
+    def _make(rule: Rule, src: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
         tensors = [fetch(src, key, shape, where) for key, shape in zip(rule.theirs, rule.theirs_shapes)]
-        yield rule.ours, rule.to_ours(*tensors)
+        return rule.to_ours(*tensors)
+
+
+def stream_to_ours(rules: Sequence[Rule], src: Mapping[str, torch.Tensor], where: str) -> RuleStream:
+    """Our tensors rule by rule, each source tensor read only when its rule runs (`RuleStream`)."""
+    return RuleStream.of(rules, src, where)
 
 
 def stream_to_theirs(

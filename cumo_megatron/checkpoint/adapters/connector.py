@@ -23,6 +23,7 @@ from cumo_megatron.checkpoint.adapters.common import (
     CheckpointError,
     MissingKeyError,
     Rule,
+    RuleStream,
     describe_keys,
     identity_rule,
     stream_to_ours,
@@ -116,7 +117,7 @@ def connector_to_megatron(
     model_cfg: ModelConfig,
     layout: Optional[str] = None,
     prefix: str = OURS_PREFIX,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> RuleStream:
     """Yield our connector tensors from a LLaVA / CuMo projector (``layout``: default detected).
 
     Shapes follow ``model_cfg``: input ``vision.feature_channels`` (hidden x S2 scales), output

@@ -25,7 +25,7 @@ from typing import Optional, Union
 
 import torch
 
-from cumo_megatron.checkpoint.adapters.common import CheckpointError
+from cumo_megatron.checkpoint.adapters.common import CheckpointError, RuleStream
 from cumo_megatron.checkpoint.adapters.connector import connector_to_megatron, megatron_to_connector
 from cumo_megatron.checkpoint.adapters.language import (
     hf_config_from_language,
@@ -174,7 +174,7 @@ def _projector_layout(model_cfg: ModelConfig) -> str:
 
 def release_to_megatron(
     src: Mapping[str, torch.Tensor], model_cfg: ModelConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> RuleStream:
     """Stream the whole CuMoModel (``vision.vit.*``, ``connector.*``, ``language_model.*``) from a
     release checkpoint (e.g. ``open_checkpoint(release_dir)``).
 
@@ -185,7 +185,7 @@ def release_to_megatron(
     vision = clip_to_megatron(src, model_cfg.vision, layout="cumo_release", prefix="vision.vit.")
     connector = connector_to_megatron(src, model_cfg, layout=_projector_layout(model_cfg), prefix="connector.")
     language = hf_lm_to_megatron(src, model_cfg.language, prefix="language_model.", hf_prefix="")
-    return itertools.chain(vision, connector, language)
+    return vision + connector + language
 
 
 def release_unused_keys(src_keys: Iterable[str], model_cfg: ModelConfig) -> list[str]:

@@ -43,6 +43,7 @@ from cumo_megatron.checkpoint.adapters.common import (
     CheckpointError,
     MissingKeyError,
     Rule,
+    RuleStream,
     describe_keys,
     identity_rule,
     stream_to_ours,
@@ -426,7 +427,7 @@ def hf_lm_to_megatron(
     cfg: LanguageConfig,
     prefix: str = "language_model.",
     hf_prefix: str = "",
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> RuleStream:
     """Stream ``(our name, tensor)`` for the whole LM from a HF ``*ForCausalLM`` state dict.
 
     ``src`` is any mapping (e.g. `open_checkpoint`'s lazy one); ``hf_prefix`` is what precedes

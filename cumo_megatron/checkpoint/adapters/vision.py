@@ -30,6 +30,7 @@ from cumo_megatron.checkpoint.adapters.common import (
     CheckpointError,
     MissingKeyError,
     Rule,
+    RuleStream,
     describe_keys,
     fuse_qkv_per_head,
     identity_rule,
@@ -348,7 +349,7 @@ def clip_to_megatron(
     cfg: VisionConfig,
     layout: Optional[str] = None,
     prefix: str = OURS_PREFIX,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> RuleStream:
     """Stream a CLIP checkpoint's vision tower as our tensors ``(prefix + name, tensor)``.
 
     ``src`` may be lazy: only its keys are listed up front and each tensor is read when its turn
