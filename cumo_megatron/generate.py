@@ -14,6 +14,12 @@ the question, a following gpt turn is kept as ``reference``; LLaVA's evaluation 
 fly, TP = 1). Greedy decoding when ``--temperature`` is 0 (the default), else temperature + top-p
 sampling seeded by ``--seed``. Under ``torchrun`` the world is split into TP ranks (``--tp``,
 default the world size); only rank 0 prints and writes.
+
+``--contrast-weak-topk K --contrast-alpha A`` turn on self-contrast decoding of an MoE model (SCMoE,
+Shi et al. 2024, with contrastive decoding's plausibility constraint ``--contrast-beta``, Li et al.
+2023): each token is chosen from ``log p + A * (log p - log p_weak)``, ``p_weak`` the same model with
+every MoE router weakened (``--contrast-weak-routing``: top-K, bottom-K or the K-th expert); see
+`cumo_megatron.inference.contrast`. A model without MoE modules is refused.
 """
 
 from __future__ import annotations
@@ -50,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aspect", choices=("pad", "crop"), default="pad", help="image aspect handling")
     p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size)")
+    c = p.add_argument_group("self-contrast decoding (MoE models)")
+    c.add_argument("--contrast-weak-topk", type=int, default=None, metavar="K",
+                   help="experts per token of the weak routing (top/bottom), or the rank of its one expert (rank)")
+    c.add_argument("--contrast-alpha", type=float, default=None, metavar="A",
+                   help="contrast strength: score = log p + A * (log p - log p_weak); 0 = plain scores (cut by B)")
+    c.add_argument("--contrast-beta", type=float, default=0.1, metavar="B",
+                   help="plausibility: only tokens with p >= B * max p may be chosen (default 0.1; 0 = off)")
+    c.add_argument("--contrast-weak-routing", choices=("top", "bottom", "rank"), default="top",
+                   help="weak routing: the K best experts (default), the K worst, or the K-th best alone")
     return p
 
 
@@ -62,9 +77,25 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--max-new-tokens must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if (args.contrast_weak_topk is None) != (args.contrast_alpha is None):
+        p.error("self-contrast decoding needs both --contrast-weak-topk and --contrast-alpha")
+    try:
+        _contrast_settings(args)
+    except ValueError as err:
+        p.error(f"--contrast-*: {err}")
 
 
-def _batch_items(path: Path, image_folder: Path):
+def _contrast_settings(args):
+    """The `ContrastSettings` the options ask for, or None (plain decoding)."""
+    if args.contrast_weak_topk is None:
+        return None
+    from cumo_megatron.inference.contrast import ContrastSettings
+
+    return ContrastSettings(args.contrast_weak_topk, args.contrast_alpha, args.contrast_beta,
+                            args.contrast_weak_routing)
+
+
+def batch_items(path: Path, image_folder: Path):
     """(record id, question, image paths, reference answer) for each record of a batch file."""
     from cumo_megatron.data.records import load_file, record_images
     from cumo_megatron.inference.prompts import first_question
@@ -92,6 +123,7 @@ def run(args) -> int:
 
     import cumo_megatron.platform as platform
     from cumo_megatron.data.tokenizer import load_tokenizer
+    from cumo_megatron.inference.contrast import check_contrast
     from cumo_megatron.inference.session import InferenceSession, default_tokenizer_path, load_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,8 +134,22 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.load))
     session = InferenceSession(model, cfg, tokenizer, template=args.template, aspect=args.aspect)
     log.info("loaded %s (tp=%d, template %s)", args.load, tp, session.template)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    contrast = _contrast_settings(args)
+    if contrast is not None:
+        try:
+            check_contrast(model, contrast)
+        except ValueError as err:
+            if rank == 0:
+                print(f"error: {args.load}: {err}", file=sys.stderr)
+            return 2
+        log.info("self-contrast decoding: %s", contrast)
+    return _answer_all(args, session, rank, contrast)
 
+
+def _answer_all(args, session, rank: int, contrast) -> int:
+    """Single mode: print the answer; batch mode: write one JSON line per record."""
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, contrast=contrast)
     if args.prompt is not None:
         answer = session.answer(args.prompt, args.image, **sampling)
         return 0 if rank != 0 else _emit(answer.text)
@@ -117,7 +163,7 @@ def run(args) -> int:
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             sink = stack.enter_context(out.open("w", encoding="utf-8"))
-        for rid, question, images, reference in _batch_items(batch, folder):
+        for rid, question, images, reference in batch_items(batch, folder):
             answer = session.answer(question, images, **sampling)
             n += 1
             if sink is not None:

@@ -1,4 +1,5 @@
-"""Autoregressive generation with a `CuMoModel`: greedy or temperature + top-p sampling, KV cache.
+"""Autoregressive generation with a `CuMoModel`: greedy or temperature + top-p sampling, KV cache,
+optionally self-contrast decoding of an MoE model (`contrast`).
 
 The KV cache is megatron-core's static inference context (`StaticInferenceContext`): every
 attention layer stores its keys and values there and RoPE positions come from the context's
@@ -23,6 +24,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from cumo_megatron.inference.contrast import (
+    ContrastSettings,
+    check_contrast,
+    contrast_scores,
+    weak_routing,
+)
 
 
 def _tp_size() -> int:
@@ -122,6 +130,36 @@ def sample_next(
     return torch.multinomial(probs_bv, 1, generator=generator).squeeze(-1)
 
 
+class _NextLogits:
+    """Next-token logits of one growing sequence: KV-cached (the prompt once, then one token per
+    call) or, without a cache, the whole sequence recomputed each call."""
+
+    def __init__(self, model, input_ids: torch.Tensor, images: Optional[torch.Tensor], max_new_tokens: int,
+                 use_cache: bool):
+        self.model = model
+        self.images = images
+        self.sequence = input_ids
+        self.context = None
+        if use_cache:
+            b, s = input_ids.shape
+            slack = _chunk_multiple(model)  # room for the padding of the last chunks
+            self.context = StaticInferenceContext(max_batch_size=b, max_sequence_length=s + max_new_tokens + 2 * slack)
+            self.context.materialize_only_last_token_logits = False  # we pick the last real position ourselves
+
+    def __call__(self, last_b: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[b, vocab]`` after appending ``last_b`` (None on the first call: the prompt)."""
+        b = self.sequence.shape[0]
+        if self.context is None:
+            if last_b is not None:
+                self.sequence = torch.cat([self.sequence, last_b.view(b, 1)], dim=1)
+            return forward_last_logits(self.model, self.sequence, self.images)
+        if last_b is None:
+            logits_bv = forward_last_logits(self.model, self.sequence, self.images, self.context)
+            self.context.enable_decode_mode()
+            return logits_bv
+        return forward_last_logits(self.model, last_b.view(b, 1), None, self.context)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -133,6 +171,7 @@ def generate(
     eos_id: Optional[int] = None,
     seed: int = 0,
     use_cache: bool = True,
+    contrast: Optional[ContrastSettings] = None,
 ) -> torch.Tensor:
     """New tokens ``[b, n <= max_new_tokens]`` after the prompts ``input_ids [b, s]``.
 
@@ -142,36 +181,35 @@ def generate(
     seeded with ``seed`` (reproducible). A sequence that produced ``eos_id`` keeps emitting it and
     decoding stops once all have. ``use_cache=False`` recomputes the whole sequence each step (the
     slow path, kept to check the cache). The model must be in eval mode.
+
+    ``contrast`` (`contrast.ContrastSettings`; None: plain decoding) turns
+    on self-contrast decoding: a second pass with weak routing, with its own KV cache, and the
+    choice made on `contrast.contrast_scores` of the two.
     """
     _check_model(model)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length>0], got shape {tuple(input_ids.shape)}")
-    b, s = input_ids.shape
+    if contrast is not None:
+        check_contrast(model, contrast)
+    b = input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
     finished_b = torch.zeros(b, dtype=torch.bool)
     new_tokens: list[torch.Tensor] = []
-    context = None
-    if use_cache:
-        slack = _chunk_multiple(model)  # room for the padding of the last chunks
-        context = StaticInferenceContext(max_batch_size=b, max_sequence_length=s + max_new_tokens + 2 * slack)
-        context.materialize_only_last_token_logits = False  # we pick the last real position ourselves
-    sequence = input_ids
-    for step in range(max_new_tokens):
-        if context is None:
-            logits_bv = forward_last_logits(model, sequence, images)
-        elif step == 0:
-            logits_bv = forward_last_logits(model, input_ids, images, context)
-            context.enable_decode_mode()
-        else:
-            logits_bv = forward_last_logits(model, new_tokens[-1].view(b, 1), None, context)
+    strong = _NextLogits(model, input_ids, images, max_new_tokens, use_cache)
+    weak = _NextLogits(model, input_ids, images, max_new_tokens, use_cache) if contrast is not None else None
+    for _ in range(max_new_tokens):
+        last_b = new_tokens[-1] if new_tokens else None
+        logits_bv = strong(last_b)
+        if weak is not None:
+            with weak_routing(model, contrast):
+                weak_bv = weak(last_b)
+            logits_bv = contrast_scores(logits_bv, weak_bv, contrast.alpha, contrast.beta)
         nxt_b = sample_next(logits_bv.cpu(), temperature, top_p, generator).to(input_ids.device)
         nxt_b = _broadcast_tp(nxt_b.to(input_ids.dtype).contiguous())
         if eos_id is not None:
             nxt_b = torch.where(finished_b.to(nxt_b.device), torch.full_like(nxt_b, eos_id), nxt_b)
             finished_b |= (nxt_b == eos_id).cpu()
         new_tokens.append(nxt_b)
-        if context is None:
-            sequence = torch.cat([sequence, nxt_b.view(b, 1)], dim=1)
         if eos_id is not None and bool(finished_b.all()):
             break
     if not new_tokens:

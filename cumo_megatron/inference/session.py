@@ -123,8 +123,13 @@ class InferenceSession:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        contrast=None,
     ) -> Answer:
-        """Generate the answer to ``question`` about the images (none: a text-only question)."""
+        """Generate the answer to ``question`` about the images (none: a text-only question).
+
+        ``contrast``: `cumo_megatron.inference.contrast.ContrastSettings` for self-contrast
+        decoding of an MoE model (None: plain decoding).
+        """
         has_image = len(image_paths) > 0
         prompt = generation_prompt(self.template, question, has_image=has_image)
         ids = prompt_input_ids(prompt, self.tokenizer, self.cfg.vision.tokens_per_image, self.cfg.image_token_id)
@@ -147,6 +152,7 @@ class InferenceSession:
             top_p=top_p,
             eos_id=self.tokenizer.eos_id,
             seed=seed,
+            contrast=contrast,
         )[0].tolist()
         text = self.tokenizer.decode(strip_after_eos(tokens, self.tokenizer.eos_id)).strip()
         return Answer(text=text, prompt=prompt, tokens=tokens)

@@ -61,6 +61,11 @@ class CuMoRouter(MegatronModule):
     ``balance_coeff * balance + z_loss_coeff * z`` (times ``call_share``) to the backward pass.
     """
 
+    # How a token picks its experts from the router probabilities: ``(probs_te, k) -> (weights_tk,
+    # experts_tk)``. A class attribute, so an instance may shadow it for a while (the weak routing
+    # of `cumo_megatron.inference.contrast`) without a branch in `forward`.
+    select_experts = staticmethod(routing.topk_renormalized)
+
     def __init__(
         self,
         config: TransformerConfig,
@@ -103,7 +108,7 @@ class CuMoRouter(MegatronModule):
         s, b, h = hidden_sbh.shape
         logits_sbe = torch.matmul(hidden_sbh.float(), self.weight.float().t())
         probs_sbe = torch.softmax(logits_sbe, dim=-1)
-        weights_tk, experts_tk = routing.topk_renormalized(probs_sbe.view(s * b, -1), self.topk)
+        weights_tk, experts_tk = self.select_experts(probs_sbe.view(s * b, -1), self.topk)
         probs_te, routing_map_te = routing.scatter_routing(weights_tk, experts_tk, self.num_experts)
 
         valid_sb = padding_mask.bool() if padding_mask is not None else None
