@@ -68,67 +68,21 @@ def evaluate(answers_path, eval_path) -> dict:
 
 
 def plot_expert_load(metrics_path, png_path) -> Optional[Path]:
-    """Plot each MoE layer's share of tokens per expert over the stage-3 run; ``None`` without MoE rows.
+    """Heatmap of each MoE layer's share of tokens per expert over the whole stage-3 run.
 
-    Reads ``expert_load`` (``{layer: [tokens per expert]}``) from every row of ``metrics.jsonl``;
-    one panel per layer shows each expert's share over the steps (moving average), the last panel
-    the share over the whole run per layer (a balanced top-k router gives every expert 1 / num_experts).
+    Sums ``expert_load`` (``{layer: [tokens per expert]}``) over every row of ``metrics.jsonl`` and
+    draws it with `cumo_megatron.research.expert_plot` (the plot ``tools/expert_load.py`` makes;
+    a balanced top-k router gives every expert 1 / num_experts). ``None`` when the file is missing
+    or has no MoE rows.
     """
+    from cumo_megatron.research.expert_load import load_table, read_metrics_load
+    from cumo_megatron.research.expert_plot import plot_expert_heatmap
+
     metrics_path = Path(metrics_path)
     if not metrics_path.exists():
         return None
-    steps, loads = [], {}
-    for line in metrics_path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        load = row.get("expert_load") or {}
-        if not load:
-            continue
-        steps.append(row.get("step", len(steps) + 1))
-        for layer, counts in load.items():
-            loads.setdefault(layer, []).append(counts)
-    if not loads:
+    found = read_metrics_load(metrics_path)
+    if not found.layers:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    layers = sorted(loads)
-    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(4.2 * (len(layers) + 1), 4), squeeze=False)
-    axes = axes[0]
-    window = max(1, len(steps) // 20)  # moving average: per-step counts of a small batch are noisy
-    for ax, layer in zip(axes, layers):
-        counts = np.asarray(loads[layer], dtype=float)  # [steps, experts]
-        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        kernel = np.ones(window) / window
-        for e in range(share.shape[1]):
-            smooth = np.convolve(share[:, e], kernel, mode="valid")
-            ax.plot(steps[window - 1: window - 1 + len(smooth)], smooth, lw=1.2, label=f"expert {e}")
-        ax.axhline(1.0 / share.shape[1], color="k", ls="--", lw=0.8)
-        ax.set_title(layer, fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylim(0, 1)
-    axes[0].set_ylabel(f"share of routed tokens (mean of {window} steps)")
-    axes[0].legend(fontsize=7)
-    ax_tot = axes[-1]
-    totals = [np.asarray(loads[layer], dtype=float).sum(axis=0) for layer in layers]
-    n_exp = max(len(t) for t in totals)
-    width = 0.8 / n_exp
-    x = np.arange(len(layers))
-    for e in range(n_exp):
-        shares = [t[e] / max(t.sum(), 1) if e < len(t) else 0 for t in totals]
-        ax_tot.bar(x + e * width, shares, width, label=f"expert {e}")
-    ax_tot.axhline(1.0 / n_exp, color="k", ls="--", lw=0.8, label="balanced")
-    ax_tot.set_xticks(x + width * (n_exp - 1) / 2)
-    ax_tot.set_xticklabels(layers, rotation=20, ha="right", fontsize=8)
-    ax_tot.set_ylabel("share over the whole run")
-    ax_tot.set_title("stage 3 expert load per MoE layer", fontsize=9)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    title = f"stage 3 expert load, steps {found.steps[0]}-{found.steps[-1]}"
+    return plot_expert_heatmap(load_table(found.layers), png_path, title)
