@@ -52,6 +52,15 @@ def compute_flops(vision_params: int, llm_params: int, image_tokens: int, text_t
     return 2.0 * vision_params * image_tokens + 6.0 * llm_params * (image_tokens + text_tokens)
 
 
+def _cells(row: SweepRow) -> list:
+    """CSV cells of a row; floats round-trip exactly (numpy floats are written as plain floats)."""
+    out = []
+    for field in dataclasses.fields(SweepRow):
+        value = getattr(row, field.name)
+        out.append(repr(float(value)) if field.type == "float" else (int(value) if field.type == "int" else value))
+    return out
+
+
 def read_rows(path: PathLike) -> list[SweepRow]:
     """The rows of a results CSV ([] when the file does not exist).
 
@@ -89,7 +98,7 @@ def append_row(path: PathLike, row: SweepRow) -> None:
             writer = csv.writer(handle)
             if handle.tell() == 0:
                 writer.writerow(COLUMNS)
-            writer.writerow([repr(v) if isinstance(v, float) else v for v in dataclasses.astuple(row)])
+            writer.writerow(_cells(row))
             handle.flush()
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -103,7 +112,7 @@ def write_rows(path: PathLike, rows: list[SweepRow]) -> None:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for row in rows:
-            writer.writerow([repr(v) if isinstance(v, float) else v for v in dataclasses.astuple(row)])
+            writer.writerow(_cells(row))
     tmp.replace(path)
 
 
