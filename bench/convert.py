@@ -7,7 +7,9 @@ about 2.2 GB in 1 GB safetensors shards) plus a tiny HF CLIP vision tower, then,
 2. ``convert``: runs the conversion (``import_checkpoint``, target layout TP2 x PP2, model
    precision bf16 so the output has the source's size) in a child process that reports its
    resident memory right after its imports (torch + megatron-core alone are ~0.7 GB) and its
-   peak (``ru_maxrss``), and the conversion's wall time.
+   peak from then on (the kernel's high-water mark ``VmHWM``, reset after the imports through
+   ``/proc/self/clear_refs``: ``ru_maxrss`` would count the imports' own transient peak), and
+   the conversion's wall time.
 
 Prints (a) the child's peak resident memory above its post-import level, divided by the
 checkpoint's size, and (b) the conversion's time divided by the copy's. The page cache is warm
