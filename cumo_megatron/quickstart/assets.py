@@ -23,7 +23,7 @@ import io
 import json
 import random
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 __all__ = [
     "COLOURS",

@@ -6,8 +6,8 @@ Steps (each prints one progress line and its wall time; outputs under ``OUT``):
    on the training images) / LLaMA (``OUT/hf``), the JSON files validated with `cumo_megatron.data.validate.validate_sources`;
 2. ``convert``: ``tools/upcycle_checkpoint.py --vision --language`` -> ``OUT/ckpt/init``;
 3. ``stage1`` / ``stage2``: ``python -m cumo_megatron.train`` with ``examples/configs/quickstart``;
-4. ``upcycle``: (``export``: the trainer's checkpoint as a model checkpoint, `export`), then
-   ``tools/upcycle_checkpoint.py --from-checkpoint`` (4 experts, top-2) -> ``OUT/ckpt/stage3-init``;
+4. ``upcycle``: ``tools/upcycle_checkpoint.py --from-checkpoint`` on stage 2's newest checkpoint
+   (4 experts, top-2) -> ``OUT/ckpt/stage3-init``;
 5. ``stage3``: the MoE stage;
 6. ``generate``: ``python -m cumo_megatron.generate --batch OUT/data/eval.json`` -> ``OUT/answers.jsonl``;
 7. ``evaluate``: ``OUT/eval.json`` (exact-match accuracy, chance level) and ``OUT/expert_load.png``.
@@ -88,21 +88,19 @@ def _train(stage: int, out: Path, info: dict, load: Path, data_file: str, extra:
     return save
 
 
-def _model_checkpoint(out: Path, save_dir: Path) -> Path:
-    """A model checkpoint (what the upcycling tool and generate load) of a training run's weights.
+def _trained_checkpoint(save_dir: Path) -> Path:
+    """The newest checkpoint of a training run; the trainer writes each as a model checkpoint,
+    which the upcycling tool and generate load as it is."""
+    from cumo_megatron.checkpoint import ours
+    from cumo_megatron.training.pointers import read_latest
 
-    The trainer's newest ``iter_N`` when it is one already, else an export (`export`) next to it.
-    """
-    from cumo_megatron.quickstart.export import trained_model_dir
-
-    direct = trained_model_dir(save_dir)
-    if direct is not None:
-        return direct
-    target = save_dir.with_name(save_dir.name + "-model")
-    _timed(f"export {save_dir.name}", f"training checkpoint -> model checkpoint {target}", target.exists(),
-           lambda: _run("export", [sys.executable, "-m", "cumo_megatron.quickstart.export", str(save_dir), str(target)],
-                        out / "logs" / f"export_{save_dir.name}.log"))
-    return target
+    latest = read_latest(save_dir)
+    if latest is None or not ours.is_model_checkpoint(latest):
+        raise RuntimeError(
+            f"{save_dir} has no checkpoint with a {ours.MODEL_CONFIG} (an unfinished run, or one written by an "
+            "older trainer); start the quickstart over with --fresh"
+        )
+    return latest
 
 
 STEP_TIMES: dict[str, float] = {}  # seconds per step run in this process (reported in eval.json)
@@ -151,19 +149,18 @@ def run(out: Path, n_train: int = 1600, n_eval: int = 100, seed: int = 0, fresh:
            lambda: _train(1, out, info, init, "stage1_captions.json", overrides.get(1, ())))
     _timed("stage2", "everything, dense, questions (vicuna_v1)", done(s2),
            lambda: _train(2, out, info, s1, "stage2.json", overrides.get(2, ())))
-    s2_model = _model_checkpoint(out, s2)
     up = ckpt / "stage3-init"
     _timed("upcycle", "co-upcycling: CLIP-MoE + MLP-MoE, 4 experts, top-2", up.exists(), lambda: _run(
-        "upcycle", tool + ["--from-checkpoint", str(s2_model), "--vision-experts", "4", "--connector-experts", "4",
-                           "--top-k", "2", "--router-seed", str(seed), "--out", str(up), "--quiet"],
+        "upcycle", tool + ["--from-checkpoint", str(_trained_checkpoint(s2)), "--vision-experts", "4",
+                           "--connector-experts", "4", "--top-k", "2", "--router-seed", str(seed),
+                           "--out", str(up), "--quiet"],
         out / "logs" / "upcycle.log"))
     _timed("stage3", "everything, MoE + aux losses", done(s3),
            lambda: _train(3, out, info, up, "stage3.json", overrides.get(3, ())))
 
-    s3_model = _model_checkpoint(out, s3)
     answers = out / "answers.jsonl"
     _timed("generate", f"held-out questions -> {answers}", answers.exists(), lambda: _run(
-        "generate", [sys.executable, "-m", "cumo_megatron.generate", "--load", str(s3_model),
+        "generate", [sys.executable, "-m", "cumo_megatron.generate", "--load", str(_trained_checkpoint(s3)),
                      "--batch", info["files"]["eval.json"], "--out", str(answers),
                      "--tokenizer", info["tokenizer"], "--template", "vicuna_v1", "--max-new-tokens", "4"],
         out / "logs" / "generate.log"))

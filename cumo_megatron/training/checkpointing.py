@@ -3,28 +3,48 @@
 Layout of ``<save>/``::
 
     latest                      # "iter_0000004": the newest *complete* checkpoint
-    iter_0000002/               # a megatron distributed checkpoint (torch_dist format)
-        metadata.json, common.pt, *.distcp
-        ranks/rank00000.pt      # per rank: RNG states, data-loader position
+    iter_0000002/               # one checkpoint (see below)
     iter_0000004/
     iter_0000006.tmp/           # a save in progress (or interrupted): never loaded
 
-Sharded part (``model`` and ``optimizer``, fp32 main params and Adam moments included) is written
-by every rank through `dist_checkpointing.save`; the scheduler and train counters go to the common
-part (rank 0). RNG states and the sampler position differ per rank and are stored as one small
-file per rank. Atomicity: everything is written under ``iter_N.tmp``; after a barrier rank 0
-renames it to ``iter_N`` and then replaces ``latest`` (temp file + ``os.replace``), so a process
-killed at any moment leaves ``latest`` naming a complete checkpoint. Older checkpoints beyond
-``keep_last`` are deleted after ``latest`` moved.
+Every ``iter_N`` is also a *model checkpoint* (`cumo_megatron.checkpoint.ours`): the tools
+(``tools/upcycle_checkpoint.py --from-checkpoint``, ``tools/export_checkpoint.py``,
+``python -m cumo_megatron.generate --load``) and ``ours.load_model_checkpoint`` open it directly::
+
+    iter_0000004/
+        model_config.yaml         # the run's model config
+        metadata.json, common.pt, *.distcp
+                                  # one megatron distributed checkpoint (torch_dist format): at the
+                                  # top level the model's sharded state dict, as a model checkpoint
+                                  # has it; under "optimizer" the optimizer's sharded tensors (fp32
+                                  # main params, Adam moments); "trainer" is one object with the
+                                  # optimizer's plain entries and the scheduler
+        train_state.json          # counters (iteration, consumed samples, ...), world size, format
+        ranks/rank00000.pt        # per rank: RNG states, data-loader position
+        conversion.json, passthrough.safetensors, source/
+                                  # copied from the checkpoint the run started from (train.load),
+                                  # when it has them: exports stay exact for tensors the model
+                                  # does not hold
+
+megatron puts every non-tensor entry of a checkpoint into ``common.pt``, which a model-only load
+returns in full; keeping the optimizer's plain entries and the scheduler in one sharded object
+(written by rank 0) leaves ``common.pt`` to the model, so `ours.load_model_checkpoint` loads only
+the model's tensors, at any TP/PP/EP layout (megatron reshards).
+
+Atomicity: everything is written under ``iter_N.tmp``; after a barrier rank 0 renames it to
+``iter_N`` and then replaces ``latest`` (temp file + ``os.replace``), so a process killed at any
+moment leaves ``latest`` naming a complete checkpoint. Older checkpoints beyond ``keep_last`` are
+deleted after ``latest`` moved.
 
 Model weights alone (``train.load``: a converted, upcycled or earlier-stage checkpoint) load at any
-TP/PP/EP layout: `dist_checkpointing` reshards. A dense (stage-2) checkpoint loaded into an MoE
-model is co-upcycled on the fly (`load_weights`): experts copy the dense MLP, routers start fresh.
+TP/PP/EP layout. A dense (stage-2) checkpoint loaded into an MoE model is co-upcycled on the fly
+(`load_weights`): experts copy the dense MLP, routers start fresh.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -36,25 +56,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import merge
+from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
-from cumo_megatron.config.loader import ConfigError
+from cumo_megatron.checkpoint import ours
+from cumo_megatron.config.loader import ConfigError, save_config
+from cumo_megatron.training.pointers import (  # noqa: F401  (re-exported: the trainer's checkpoint API)
+    LATEST,
+    CheckpointError,
+    fsync_dir,
+    iteration_dir,
+    list_checkpoints,
+    load_latest,
+    prune_checkpoints,
+    read_latest,
+    write_latest,
+)
 
-LATEST = "latest"
-FORMAT = "cumo-train-ckpt-1"
+FORMAT = "cumo-train-ckpt-2"
+TRAIN_STATE = "train_state.json"
+# Top-level keys of the distributed checkpoint besides the model's own (which are dotted
+# parameter names like "vision.vit.conv1.weight", so they cannot collide).
+OPTIMIZER_KEY = "optimizer"
+TRAINER_KEY = "trainer"
+# Files of a model checkpoint that record where its weights came from (`ours`); a run carries
+# them from its ``train.load`` checkpoint into each of its own.
+PROVENANCE = (ours.CONVERSION_INFO, ours.PASSTHROUGH, ours.SOURCE_DIR)
 # The distributed optimizer's state per DP rank as written ("dp_reshardable"): no gathers, fully
 # parallel; megatron 0.16.1's default ("fully_sharded_model_space") needs flattened ranges that its
 # own dist_checkpointing no longer accepts. An exact resume keeps the layout anyway.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with what to do about it."""
-
-
-def iteration_dir(save_dir: str | os.PathLike, iteration: int) -> Path:
-    """``<save_dir>/iter_XXXXXXX``."""
-    return Path(save_dir) / f"iter_{iteration:07d}"
 
 
 def _rank() -> int:
@@ -94,72 +126,6 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# --------------------------------------------------------------------------- pointers
-
-
-def read_latest(save_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint ``latest`` names, or None when there is none yet.
-
-    Raises `CheckpointError` when ``latest`` names a directory that is missing or incomplete.
-    """
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    if not _ITER_RE.match(name):
-        raise CheckpointError(f"{pointer} holds {name!r}, not an iter_XXXXXXX name; fix or delete the file")
-    path = Path(save_dir) / name
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(
-            f"{pointer} names {path}, which is missing or incomplete (no metadata.json); "
-            "point `latest` at an earlier iter_* directory or remove it to start afresh"
-        )
-    return path
-
-
-def load_latest(save_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint a resumed run continues from (``latest``), or None for a fresh start."""
-    return read_latest(save_dir)
-
-
-def _write_latest(save_dir: Path, iteration: int) -> None:
-    tmp = save_dir / f".{LATEST}.tmp"
-    with open(tmp, "w") as f:
-        f.write(iteration_dir(save_dir, iteration).name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, save_dir / LATEST)
-    _fsync_dir(save_dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def list_checkpoints(save_dir: str | os.PathLike) -> list[int]:
-    """Iterations of the complete (renamed) checkpoints in ``save_dir``, ascending."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    found = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name))]
-    return sorted(found)
-
-
-def prune_checkpoints(save_dir: str | os.PathLike, keep_last: int, protect: int) -> list[int]:
-    """Delete all but the newest ``keep_last`` checkpoints (never ``protect``); return what went."""
-    if keep_last <= 0:
-        return []
-    its = list_checkpoints(save_dir)
-    doomed = [it for it in its[:-keep_last] if it != protect]
-    for it in doomed:
-        shutil.rmtree(iteration_dir(save_dir, it), ignore_errors=True)
-    return doomed
 
 
 # --------------------------------------------------------------------------- save / load
@@ -208,14 +174,54 @@ def _unshare_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].detach().clone()
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    if is_loading and optimizer is not None:
+def _trainer_object(data, rank: int) -> ShardedObject:
+    """The checkpoint's one non-model, non-tensor entry; rank 0 writes it, every rank reads it."""
+    return ShardedObject(f"{TRAINER_KEY}.common", data, (1,), (0,), replica_id=rank)
+
+
+def _optimizer_parts(optimizer, model_sd: dict, is_loading: bool) -> tuple[dict, dict]:
+    """The optimizer's sharded state dict split as megatron's own save splits it.
+
+    Returns ``(sharded, plain)``: what goes through `dist_checkpointing` (sharded tensors and
+    objects; when loading, also the local placeholders megatron fills in), and the plain entries
+    megatron would have put in ``common.pt`` (the sharding type; param groups without the
+    distributed optimizer).
+    """
+    if is_loading:
         _prime_torch_adam_state(optimizer)
-    model_sd = model.sharded_state_dict()
-    state = {"model": model_sd}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
-    return state
+    state = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    if is_loading:  # dist_checkpointing.load keeps the structure and drops plain request entries
+        return state, {}
+    _, persistent = extract_nonpersistent(state)
+    return extract_sharded_base(persistent)
+
+
+def _copy_provenance(source: Optional[Path], dest: Path) -> list[str]:
+    """Copy ``conversion.json`` / ``passthrough.safetensors`` / ``source/`` of ``source`` into ``dest``.
+
+    Hard links where the file system allows (checkpoint files are never modified in place, and a
+    large passthrough file is then not duplicated), copies otherwise. Returns what was copied.
+    """
+    if source is None:
+        return []
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    copied = []
+    for name in PROVENANCE:
+        path = Path(source) / name
+        if path.is_dir():
+            shutil.copytree(path, dest / name, copy_function=link_or_copy)
+        elif path.is_file():
+            link_or_copy(path, dest / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
 
 
 def save_checkpoint(
@@ -226,14 +232,19 @@ def save_checkpoint(
     scheduler,
     loader,
     train_state: dict,
+    model_cfg=None,
+    provenance: Optional[str | os.PathLike] = None,
     keep_last: int = 2,
     before_commit: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Write checkpoint ``iteration`` atomically (collective: every rank calls it).
 
     ``model`` is the bare `CuMoModel` (not the DDP wrapper); ``loader`` has ``state_dict``;
-    ``train_state`` is a small dict of counters (rank 0's copy is stored). ``before_commit`` runs on
-    every rank after all data is written and before the rename (a test hook).
+    ``train_state`` is a small JSON-able dict of counters (rank 0's copy is stored). With
+    ``model_cfg`` (a `ModelConfig`) the checkpoint is also a model checkpoint of ours
+    (``model_config.yaml``); ``provenance`` is a checkpoint whose conversion records are carried
+    over. ``before_commit`` runs on every rank after all data is written and before the rename
+    (a test hook).
     """
     root = Path(save_dir)
     final = iteration_dir(root, iteration)
@@ -244,9 +255,12 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    state = _sharded_state(model, optimizer, is_loading=False)
-    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    state["train_state"] = dict(train_state, world_size=_world(), format=FORMAT)
+    model_sd = model.sharded_state_dict()
+    state = dict(model_sd)
+    plain = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "optimizer": None}
+    if optimizer is not None:
+        state[OPTIMIZER_KEY], plain["optimizer"] = _optimizer_parts(optimizer, model_sd, is_loading=False)
+    state[TRAINER_KEY] = _trainer_object(plain, rank)
     dist_checkpointing.save(state, str(tmp))
     per_rank = {"rng": rng_state(), "loader": loader.state_dict() if loader is not None else None,
                 "world_size": _world()}
@@ -254,6 +268,12 @@ def save_checkpoint(
     rank_file = tmp / "ranks" / f"rank{rank:05d}.pt"
     torch.save(per_rank, rank_file.with_suffix(".part"))
     os.replace(rank_file.with_suffix(".part"), rank_file)
+    if rank == 0:
+        record = dict(train_state, world_size=_world(), format=FORMAT)
+        (tmp / TRAIN_STATE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        if model_cfg is not None:
+            save_config(model_cfg, tmp / ours.MODEL_CONFIG)
+        _copy_provenance(Path(provenance) if provenance else None, tmp)
     _barrier()
     if before_commit is not None:
         before_commit(tmp)
@@ -261,11 +281,22 @@ def save_checkpoint(
         if final.exists():  # left by a run that died between rename and `latest`: not referenced
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_latest(root, iteration)
+        fsync_dir(root)
+        write_latest(root, iteration)
         prune_checkpoints(root, keep_last, protect=iteration)
     _barrier()
     return final
+
+
+def read_train_state(ckpt_dir: str | os.PathLike) -> dict:
+    """``train_state.json`` of a checkpoint (counters, world size, format)."""
+    path = Path(ckpt_dir) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} does not exist: {ckpt_dir} was not written by this trainer (format {FORMAT}), so it "
+            f"cannot be resumed; start a new run with train.load={ckpt_dir} (weights only)"
+        )
+    return json.loads(path.read_text())
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler, loader) -> dict:
@@ -276,29 +307,36 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler, lo
     layout use `load_weights`.
     """
     ckpt = Path(ckpt_dir)
-    common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    saved_world = common.get("train_state", {}).get("world_size")
+    train_state = read_train_state(ckpt)
+    saved_world = train_state.get("world_size")
     if saved_world != _world():
         raise CheckpointError(
             f"{ckpt} was saved by {saved_world} processes, this run has {_world()}: an exact resume needs the "
             "same layout. To continue at another layout, start a new run with train.load="
             f"{ckpt} (weights only; the optimizer and data position start afresh)"
         )
-    sharded = _sharded_state(model, optimizer, is_loading=True)
-    state = dist_checkpointing.load(sharded, str(ckpt))
-    model.load_state_dict(state["model"])
+    model_sd = model.sharded_state_dict()
+    request = dict(model_sd)
     if optimizer is not None:
+        request[OPTIMIZER_KEY], _ = _optimizer_parts(optimizer, model_sd, is_loading=True)
+    request[TRAINER_KEY] = _trainer_object(None, _rank())
+    state = dist_checkpointing.load(request, str(ckpt))
+    plain = state[TRAINER_KEY]
+    model.load_state_dict({k: v for k, v in state.items() if k in model_sd})
+    if optimizer is not None:
+        # Plain entries first, loaded tensors merged in: the order of megatron's own load.
+        optimizer_state = merge(plain["optimizer"], state[OPTIMIZER_KEY])
         # Main params are leaves that require grad: megatron copies into them in place.
         with torch.no_grad():
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(optimizer_state)
         _unshare_adam_steps(optimizer)
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None and plain["scheduler"] is not None:
+        scheduler.load_state_dict(plain["scheduler"])
     per_rank = torch.load(ckpt / "ranks" / f"rank{_rank():05d}.pt", weights_only=False)
     if loader is not None and per_rank["loader"] is not None:
         loader.load_state_dict(per_rank["loader"])
     set_rng_state(per_rank["rng"])
-    return state["train_state"]
+    return train_state
 
 
 # --------------------------------------------------------------------------- weights only
@@ -312,7 +350,8 @@ def checkpoint_keys(directory: str | os.PathLike) -> set[str]:
 def _load_model_only(model, directory: Path) -> None:
     sharded = model.sharded_state_dict()
     loaded = dist_checkpointing.load(sharded, str(directory))
-    # A training checkpoint's common part (scheduler, counters) comes back too: keep the model's.
+    # Checkpoints of the first format (model nested under "model", scheduler and counters in
+    # common.pt) return that common part too: keep the model's entries.
     model.load_state_dict({k: v for k, v in loaded.items() if k in sharded})
 
 

@@ -16,7 +16,8 @@ One `Trainer` runs one stage (`train.stage`) of one experiment:
 5. per step: non-finite loss or gradient -> the update is skipped and counted; ``max_bad_steps``
    in a row stop the run (`TrainingDiverged`), the last good checkpoint stays ``latest``;
    metrics (JSONL, TensorBoard, console) from one reporting rank; checkpoints every
-   ``save_interval`` steps and at the end.
+   ``save_interval`` steps and at the end, each also a model checkpoint the tools open
+   (`checkpointing`).
 
 Test hooks (environment variables, read once): ``CUMO_TEST_KILL_AFTER_SAVE=N`` SIGKILLs every rank
 right after checkpoint N is complete; ``CUMO_TEST_KILL_DURING_SAVE=N`` SIGKILLs them after
@@ -137,6 +138,9 @@ class Trainer:
         self.load_report = None
         if train.load and self.resume_from is None:
             self.load_report = checkpointing.load_weights(self.model, train.load, cfg.model, par, seed=cfg.seed)
+        # Conversion records (passthrough tensors, source configs) travel from checkpoint to
+        # checkpoint; a resumed run finds them in the checkpoint it resumes from.
+        self.provenance = self.resume_from or (Path(self.load_report["path"]) if self.load_report else None)
         self.freeze_counts = stages.apply_stage(self.model, train.stage)
         self.frozen_fingerprint = stages.frozen_fingerprint(self.model) or None
         self.ddp = wrap_ddp(self.model, use_distributed_optimizer=train.distributed_optimizer)
@@ -456,9 +460,12 @@ class Trainer:
                 "bad_in_a_row": self.bad_in_a_row,
                 "stage": self.cfg.train.stage,
             },
+            model_cfg=self.cfg.model,
+            provenance=self.provenance,
             keep_last=self.cfg.train.keep_last,
             before_commit=before_commit,
         )
+        self.provenance = path  # carries the same records; the older checkpoint may be pruned
         if self.hooks.kill_after_save == self.iteration:
             _kill_self()
         return path

@@ -15,7 +15,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Optional
 
 SUMMARY_KEYS = ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "tflops")
 

@@ -64,7 +64,8 @@ def make_forward_step(num_microbatches: int) -> Callable:
         # creates 0-dim if a backward ran before any scale was set, and a [1] scale then fails.
         MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1) / num_microbatches
         output = model(
-            input_ids=batch["input_ids"], images=batch.get("images"), labels=batch["labels"]
+            input_ids=batch["input_ids"], images=batch.get("images"), labels=batch["labels"],
+            padding_mask=batch.get("padding_mask"),  # keeps padding out of the LLM routers' aux losses
         )
         return output, partial(masked_token_mean_loss, batch["loss_mask"])
 

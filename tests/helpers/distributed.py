@@ -1,8 +1,9 @@
 """Run a test function in N gloo worker processes under ``torchrun``.
 
-One launch costs ~10 s on the 2-core CI machine (two interpreters importing torch and
+One launch costs 15-30 s on the 2-core CI machine (two interpreters importing torch and
 megatron-core), so a worker function should check many things and return what it measured;
-the calling test asserts on the returned values.
+the calling test asserts on the returned values. `run_distributed_many` runs several functions
+in one launch; `tests.helpers.shared_launch` shares one launch between test modules.
 
     results = run_distributed("tests.models.parallel_workers:check_tp", world_size=2, args={...})
     # results[rank] is whatever the worker returned on that rank (saved with torch.save)
@@ -53,3 +54,10 @@ def run_distributed(target: str, world_size: int = 2, args: dict | None = None, 
                 f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-10000:]}"
             )
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def run_distributed_many(calls: list[tuple[str, dict]], world_size: int = 2, timeout: int = 600) -> list[list]:
+    """Run each ``(target, args)`` of ``calls`` in turn, in one launch; per call, each rank's result."""
+    ranks = run_distributed("tests.helpers.worker:run_many", world_size,
+                            {"calls": [[target, args] for target, args in calls]}, timeout)
+    return [[rank[i] for rank in ranks] for i in range(len(calls))]

@@ -1,4 +1,8 @@
-"""Rank-side halves of `test_parallel_equivalence.py` (run under `run_distributed`)."""
+"""Rank-side halves of `test_parallel_equivalence.py` (run under `run_distributed`).
+
+A launch costs more than a layout's work, so one launch goes through every layout
+(`loss_and_grads_per_layout`), re-initialising megatron's groups in between.
+"""
 
 from __future__ import annotations
 
@@ -69,3 +73,10 @@ def _tp_replicas_identical(model) -> bool:
         if not torch.equal(lowest, highest):
             return False
     return True
+
+
+def loss_and_grads_per_layout(layouts: list[dict], weights: str, batches: str, out_dirs: list[str],
+                              seq_length: int) -> list[dict]:
+    """`loss_and_grads` for each of ``layouts`` (``{"tp", "pp", "ep"}``) in turn, gradients to ``out_dirs``."""
+    return [loss_and_grads(**layout, weights=weights, batches=batches, out_dir=out_dir, seq_length=seq_length)
+            for layout, out_dir in zip(layouts, out_dirs)]

@@ -1,14 +1,14 @@
 """TP=2 (with SP), EP=2 and PP=2 give the world-of-one loss and gradients on the full CuMo model.
 
-The world-of-one run happens in this process; each layout runs under ``torchrun`` with 2 gloo
-ranks, loads the same weights (a distributed checkpoint, resharded by megatron), runs the same
-micro-batches, and writes its gradients as a distributed checkpoint, which this process gathers by
-loading it into the world-of-one layout.
+The world-of-one run happens in this process; the layouts run one after another on the 2 gloo
+ranks of one ``torchrun`` launch (`tests.helpers.shared_launch`, shared with the platform checks).
+Each loads the same weights (a distributed checkpoint, resharded
+by megatron), runs the same micro-batches, and writes its gradients as a distributed checkpoint,
+which this process gathers by loading it into the world-of-one layout.
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -18,8 +18,8 @@ import cumo_megatron.platform as platform
 from cumo_megatron.config.schema import ParallelConfig
 from cumo_megatron.models.cumo import build_model
 from cumo_megatron.training.step import forward_backward, wrap_ddp
-from tests.helpers.distributed import run_distributed
-from tests.models.parallel_workers import equivalence_model_config, save_gradients
+from tests.helpers import shared_launch
+from tests.models.parallel_workers import equivalence_model_config
 
 SEQ = 16
 MICROBATCHES = 2
@@ -43,10 +43,12 @@ def _microbatches(cfg) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """World-of-one weights, batches, loss and gradients."""
-    tmp = tmp_path_factory.mktemp("parallel")
+LAYOUTS = {"tp2-sp": dict(tp=2, pp=1, ep=1), "ep2": dict(tp=1, pp=1, ep=2), "pp2": dict(tp=1, pp=2, ep=1)}
+PART = "models.parallel_equivalence"
+
+
+def _prepare(tmp) -> tuple[str, dict, dict]:
+    """World-of-one weights, batches, loss and gradients; the 2-rank call that runs every layout."""
     platform.initialize(platform.ParallelSizes(), seed=7)
     cfg = equivalence_model_config()
     model = build_model(cfg, ParallelConfig())
@@ -59,7 +61,20 @@ def reference(tmp_path_factory):
     ddp.zero_grad_buffer()
     loss = forward_backward(ddp, batches, MICROBATCHES, seq_length=SEQ, micro_batch_size=1)
     grads = {name: p.main_grad.clone() for name, p in model.named_parameters()}
-    return dict(tmp=tmp, cfg=cfg, loss=loss, grads=grads, weights=str(weights))
+    out_dirs = [str(tmp / f"grads-{name}") for name in LAYOUTS]
+    args = dict(layouts=list(LAYOUTS.values()), weights=str(weights), batches=str(tmp / "batches.pt"),
+                out_dirs=out_dirs, seq_length=SEQ)
+    reference = dict(cfg=cfg, loss=loss, grads=grads, out_dirs=dict(zip(LAYOUTS, out_dirs)))
+    return "tests.models.parallel_workers:loss_and_grads_per_layout", args, reference
+
+
+shared_launch.register(PART, _prepare)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> tuple[dict, list]:
+    """The world-of-one reference, and each rank's results per layout (from the shared launch)."""
+    return shared_launch.results(PART, tmp_path_factory)
 
 
 def _gathered_grads(reference, grads_dir: str) -> dict[str, torch.Tensor]:
@@ -70,16 +85,11 @@ def _gathered_grads(reference, grads_dir: str) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in template.named_parameters()}
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2, pp=1, ep=1), dict(tp=1, pp=1, ep=2), dict(tp=1, pp=2, ep=1)],
-                         ids=["tp2-sp", "ep2", "pp2"])
-def test_layout_matches_world_of_one(reference, layout):
-    grads_dir = str(reference["tmp"] / f"grads-{layout['tp']}{layout['pp']}{layout['ep']}")
-    results = run_distributed(
-        "tests.models.parallel_workers:loss_and_grads",
-        world_size=2,
-        args=dict(layout, weights=reference["weights"], batches=str(reference["tmp"] / "batches.pt"),
-                  out_dir=grads_dir, seq_length=SEQ),
-    )
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_world_of_one(launched, layout):
+    reference, ranks = launched
+    results = [rank[list(LAYOUTS).index(layout)] for rank in ranks]
+    grads_dir = reference["out_dirs"][layout]
     assert all(r["replicas_identical"] for r in results), "TP replicas of vision/connector differ"
     losses = [r["loss"] for r in results if r["loss"] is not None]
     assert losses, "no rank reported a loss"

@@ -1,7 +1,8 @@
 """Two gloo processes: collectives, TP / SP mappings, PP p2p and the checkpoint writer on CPU.
 
-One launch (`tests.platform.workers:check_two_ranks`) measures everything; each test below asserts
-one aspect of the shared result.
+One call (`tests.platform.workers:check_two_ranks`) measures everything, on the 2 ranks of the
+launch the 2-rank test modules share (`tests.helpers.shared_launch`); each test below asserts one
+aspect of the result.
 """
 
 from __future__ import annotations
@@ -9,16 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.distributed import run_distributed
+from tests.helpers import shared_launch
+
+PART = "platform.two_ranks"
+shared_launch.register(PART, lambda tmp: ("tests.platform.workers:check_two_ranks", {"checkpoint_dir": str(tmp)}, None))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Per-rank results of one two-process launch."""
-    checkpoint_dir = tmp_path_factory.mktemp("dist_ckpt")
-    results = run_distributed(
-        "tests.platform.workers:check_two_ranks", world_size=2, args={"checkpoint_dir": str(checkpoint_dir)}
-    )
+    """Per-rank results of `check_two_ranks`."""
+    _, results = shared_launch.results(PART, tmp_path_factory)
     assert [r["rank"] for r in results] == [0, 1]
     return results
 

@@ -123,17 +123,19 @@ def test_expert_load_plot(tmp_path):
     assert plot_expert_load(tmp_path / "dense.jsonl", tmp_path / "none.png") is None
 
 
-def test_trained_model_dir_follows_latest(tmp_path):
-    from cumo_megatron.quickstart.export import trained_model_dir
+def test_trained_checkpoint_is_the_latest_iteration(tmp_path):
+    from cumo_megatron.quickstart.run import _trained_checkpoint
 
-    assert trained_model_dir(tmp_path) is None  # no `latest`
+    with pytest.raises(RuntimeError, match="--fresh"):
+        _trained_checkpoint(tmp_path)  # no `latest`
     it = tmp_path / "iter_0000007"
     it.mkdir()
     (it / "metadata.json").write_text("{}")
     (tmp_path / "latest").write_text("iter_0000007\n")
-    assert trained_model_dir(tmp_path) is None  # a training checkpoint without model_config.yaml: export it
+    with pytest.raises(RuntimeError, match="model_config.yaml"):
+        _trained_checkpoint(tmp_path)  # written by a trainer that did not make model checkpoints
     (it / "model_config.yaml").write_text("{}\n")
-    assert trained_model_dir(tmp_path) == it
+    assert _trained_checkpoint(tmp_path) == it
 
 
 def test_vision_pretraining_changes_the_tower(built):

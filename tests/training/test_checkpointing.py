@@ -30,7 +30,7 @@ def test_latest_pointer_and_pruning(tmp_path):
         _fake_checkpoint(tmp_path, it)
     _fake_checkpoint(tmp_path, 8, complete=False)  # an interrupted save
     assert ckpt.list_checkpoints(tmp_path) == [2, 4, 6]
-    ckpt._write_latest(tmp_path, 6)
+    ckpt.write_latest(tmp_path, 6)
     assert ckpt.load_latest(tmp_path) == tmp_path / "iter_0000006"
     assert ckpt.prune_checkpoints(tmp_path, keep_last=2, protect=6) == [2]
     assert ckpt.list_checkpoints(tmp_path) == [4, 6]
@@ -44,6 +44,15 @@ def test_latest_naming_a_missing_checkpoint_is_an_error(tmp_path):
     (tmp_path / "latest").write_text("garbage")
     with pytest.raises(ckpt.CheckpointError, match="not an iter_XXXXXXX"):
         ckpt.load_latest(tmp_path)
+
+
+def test_resume_refuses_checkpoints_it_cannot_continue_exactly(tmp_path):
+    path = _fake_checkpoint(tmp_path, 2)  # no train_state.json: not written by this trainer
+    with pytest.raises(ckpt.CheckpointError, match="cannot be resumed; start a new run with train.load="):
+        ckpt.load_checkpoint(path, None, None, None, None)
+    (path / ckpt.TRAIN_STATE).write_text(json.dumps({"iteration": 2, "world_size": 2}))
+    with pytest.raises(ckpt.CheckpointError, match="saved by 2 processes, this run has 1"):
+        ckpt.load_checkpoint(path, None, None, None, None)
 
 
 def test_rng_state_round_trip():

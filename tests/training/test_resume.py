@@ -1,21 +1,37 @@
 """Exact resume after SIGKILL, interrupted saves, and parallel layouts (issue 4, tests 2, 3 and 6).
 
-All runs go through the real entry point (``python -m cumo_megatron.train`` / ``torchrun``) in
-subprocesses. The world-of-one runs start from the shared ``init_weights`` so that the 2-process
-TP=2 and PP=2 runs (loading the same weights, resharded) can be compared with them.
+Each world size has one run through the real entry point (``python -m cumo_megatron.train`` /
+``torchrun``) that saves at step 2, trains on to step 4 and is SIGKILLed while it saves checkpoint
+4: its metrics are the uninterrupted reference for steps 1-4, and its directory is what a run
+killed mid-save leaves (``latest`` still names checkpoint 2). The same command's configuration is
+then restarted from there, and steps 3-4 must come out bit-identical: in this process for the
+world of one, and on the 2 ranks of one `run_distributed` launch for EP=2, which goes on to train
+the TP=2 and PP=2 layouts (compared with the world-of-one loss curve). All runs start from the
+shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
+a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+import torch
 
+import cumo_megatron.platform as platform
+from cumo_megatron.checkpoint import ours
+from cumo_megatron.config.loader import load_config
+from cumo_megatron.config.schema import ExperimentConfig, ParallelConfig
+from cumo_megatron.models.cumo import build_model
+from cumo_megatron.platform.distributed import set_cpu_threads
 from cumo_megatron.training.checkpointing import list_checkpoints, load_latest
-from tests.training.workers import check, experiment, launch, read_metrics, write_config
+from cumo_megatron.training.loop import TestHooks, Trainer
+from tests.helpers.distributed import run_distributed
+from tests.training.workers import experiment, launch, model_shards, read_metrics, write_config
 
 KILLED = -9  # SIGKILL
 EXACT_KEYS = ("loss", "lm_loss", "grad_norm", "lr", "vision_balance", "connector_z_loss", "expert_load")
+# Checkpoint 2, then two later steps; the save of step 4 is the one interrupted.
+STEPS = dict(train_steps=4, save_interval=2, keep_last=1, global_batch_size=2)
+KILL_DURING_LAST_SAVE = {"CUMO_TEST_KILL_DURING_SAVE": "4"}
 
 
 def _same_rows(a: list[dict], b: list[dict]) -> None:
@@ -26,26 +42,56 @@ def _same_rows(a: list[dict], b: list[dict]) -> None:
             assert x[key] == y[key], f"step {x['step']} {key}: {x[key]!r} != {y[key]!r}"
 
 
-STEPS = dict(train_steps=4, save_interval=2, keep_last=1, global_batch_size=2)
+def _killed_mid_save(config, save_dir, nproc: int) -> dict:
+    """Run ``config`` until SIGKILLed while saving checkpoint 4; what it left behind."""
+    proc = launch(config, nproc=nproc, env=KILL_DURING_LAST_SAVE)
+    return {
+        "returncode": proc.returncode,
+        "output": proc.stdout + proc.stderr,
+        "straight": read_metrics(save_dir),  # steps 1-4: metrics are written before each save
+        "latest": load_latest(save_dir),
+        "dirs": sorted(p.name for p in save_dir.iterdir()),
+        "checkpoints": list_checkpoints(save_dir),
+    }
 
 
 @pytest.fixture(scope="module")
 def world_one(dataset, init_weights, tmp_path_factory) -> dict:
-    """An uninterrupted run of 4 steps, a run killed right after checkpoint 2, and its resume,
-    killed while it saves checkpoint 4."""
+    """The world-of-one run killed while saving checkpoint 4, then resumed here to the end."""
     root = tmp_path_factory.mktemp("resume1")
-    cfg = experiment(dataset, str(root / "straight"), load=init_weights, **STEPS)
-    config = write_config(cfg, root / "config.yaml")
-    out: dict = {"root": root, "config": config}
-    check(launch(config))
-    out["straight"] = read_metrics(root / "straight")
-    killed = [f"train.save={root / 'killed'}"]
-    out["kill_after_save"] = launch(config, killed, env={"CUMO_TEST_KILL_AFTER_SAVE": "2"})
-    out["latest_after_kill"] = load_latest(root / "killed")
-    out["resume"] = launch(config, killed, env={"CUMO_TEST_KILL_DURING_SAVE": "4"})
-    out["latest_after_interrupted_save"] = load_latest(root / "killed")
-    out["dirs_after_interrupted_save"] = sorted(p.name for p in (root / "killed").iterdir())
-    out["resumed"] = read_metrics(root / "killed")
+    save = root / "run"
+    config = write_config(experiment(dataset, str(save), load=init_weights, **STEPS), root / "config.yaml")
+    out = dict(root=root, config=config, save=save, **_killed_mid_save(config, save, nproc=1))
+    assert out["returncode"] == KILLED, out["output"][-4000:]
+    set_cpu_threads()  # the threads the entry point gives a world of one (results depend on them)
+    trainer = Trainer(load_config(ExperimentConfig, config), hooks=TestHooks())
+    trainer.train()
+    out["resumed_from"] = trainer.resume_from
+    out["resumed"] = read_metrics(save)  # steps 1-2 of the killed run, 3-4 of the resumed one
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(dataset, init_weights, world_one) -> dict:
+    """EP=2 killed mid-save (torchrun), then one launch: its resume, and the TP=2 and PP=2 runs."""
+    root = world_one["root"]
+    ep2 = experiment(dataset, str(root / "ep2"), load=init_weights, **STEPS)
+    ep2.parallel.ep = 2
+    ep2_config = write_config(ep2, root / "ep2.yaml")
+    out = {"ep2": _killed_mid_save(ep2_config, root / "ep2", nproc=2)}
+    # torchrun exits 1 and reports the ranks' signal.
+    assert out["ep2"]["returncode"] != 0 and "SIGKILL" in out["ep2"]["output"], out["ep2"]["output"][-4000:]
+    layouts = {"tp2": "parallel.tp=2", "pp2": "parallel.pp=2"}
+    runs = [{"config": str(ep2_config)}] + [
+        {"config": str(world_one["config"]),
+         "overrides": [layout, f"train.save={root / name}", "train.save_interval=0"]}
+        for name, layout in layouts.items()
+    ]
+    ranks = run_distributed("tests.training.workers:train_in_process", world_size=2, args={"runs": runs})
+    for i, name in enumerate(["ep2", *layouts]):
+        run = out.setdefault(name, {})
+        run.update(rows=read_metrics(root / name), final=load_latest(root / name),
+                   resumed_from=ranks[0][i]["resumed_from"], shards=[rank[i]["shards"] for rank in ranks])
     return out
 
 
@@ -53,10 +99,10 @@ def test_uninterrupted_run_learns_and_keeps_last_checkpoints(world_one):
     rows = world_one["straight"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["lm_loss"] < rows[0]["lm_loss"] - 0.1
-    straight = world_one["root"] / "straight"
-    assert list_checkpoints(straight) == [4]  # keep_last=1 pruned iter_2
-    assert load_latest(straight).name == "iter_0000004"
-    assert (straight / "config.yaml").is_file()
+    save = world_one["save"]
+    assert list_checkpoints(save) == [4]  # after the resumed save: keep_last=1 pruned iter_2
+    assert load_latest(save).name == "iter_0000004"
+    assert (save / "config.yaml").is_file()
     row = rows[0]
     for key in ("loss", "lm_loss", "vision_balance", "vision_z_loss", "connector_balance", "connector_z_loss",
                 "lr", "grad_norm", "tokens_per_s", "tflops"):
@@ -67,42 +113,62 @@ def test_uninterrupted_run_learns_and_keeps_last_checkpoints(world_one):
     assert sum(row["expert_load"]["vision.layer0"]) == 2 * row["images"] * 5  # + the CLS token
 
 
+def test_interrupted_save_leaves_previous_checkpoint(world_one, two_processes):
+    for run in (world_one, two_processes["ep2"]):
+        assert run["latest"].name == "iter_0000002"  # killed after writing iter 4, before committing it
+        assert "iter_0000004.tmp" in run["dirs"] and "iter_0000004" not in run["dirs"]
+        assert run["checkpoints"] == [2]
+    assert world_one["returncode"] == KILLED
+
+
 def test_resume_after_sigkill_is_bit_exact(world_one):
-    assert world_one["kill_after_save"].returncode == KILLED
-    assert world_one["latest_after_kill"].name == "iter_0000002"
-    assert "resumed from" in world_one["resume"].stdout
+    assert world_one["resumed_from"].name == "iter_0000002"
     # Steps 1-2 from the killed run, 3-4 from the resumed one: all bit-identical.
     _same_rows(world_one["resumed"], world_one["straight"])
 
 
-def test_interrupted_save_leaves_previous_checkpoint(world_one):
-    assert world_one["resume"].returncode == KILLED  # killed after writing iter 4, before committing it
-    assert world_one["latest_after_interrupted_save"].name == "iter_0000002"
-    assert "iter_0000004.tmp" in world_one["dirs_after_interrupted_save"]
-    assert "iter_0000004" not in world_one["dirs_after_interrupted_save"]
-    killed = world_one["root"] / "killed"
-    assert list_checkpoints(killed) == [2]
+def test_resume_bit_exact_with_two_processes_ep2(two_processes):
+    ep2 = two_processes["ep2"]
+    assert ep2["resumed_from"].name == "iter_0000002"
+    assert [r["step"] for r in ep2["straight"]] == [1, 2, 3, 4]
+    _same_rows(ep2["rows"], ep2["straight"])
 
 
-def test_resume_bit_exact_with_two_processes_ep2(dataset, init_weights, tmp_path):
-    cfg = experiment(dataset, str(tmp_path / "straight"), load=init_weights, **STEPS)
-    cfg.parallel.ep = 2
-    config = write_config(cfg, tmp_path / "config.yaml")
-    check(launch(config, ["train.save_interval=0"], nproc=2))  # its checkpoints are not needed
-    killed = [f"train.save={tmp_path / 'killed'}"]
-    assert launch(config, killed, nproc=2, env={"CUMO_TEST_KILL_AFTER_SAVE": "2"}).returncode != 0
-    assert load_latest(tmp_path / "killed").name == "iter_0000002"
-    check(launch(config, killed, nproc=2))
-    _same_rows(read_metrics(tmp_path / "killed"), read_metrics(tmp_path / "straight"))
-
-
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
-def test_two_process_layouts_match_world_of_one(world_one, layout, tmp_path):
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_two_process_layouts_match_world_of_one(world_one, two_processes, layout):
     # Same config (weights, schedule, data) as the world-of-one run; only the layout differs.
-    check(launch(world_one["config"], [layout, f"train.save={tmp_path}", "train.save_interval=0"], nproc=2))
-    rows = read_metrics(tmp_path)
-    reference = world_one["straight"]
+    run = two_processes[layout]
+    assert run["resumed_from"] is None
+    rows, reference = run["rows"], world_one["straight"]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for got, want in zip(rows, reference):
         for key in ("lm_loss", "loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-5), (layout, got["step"], key)
+
+
+def _global_tensors(directory) -> dict[str, torch.Tensor]:
+    """A trainer checkpoint loaded as a model checkpoint at world of one, as global tensors by key."""
+    platform.initialize(platform.ParallelSizes(), seed=0)
+    model = build_model(ours.read_model_config(directory), ParallelConfig())
+    ours.load_model_checkpoint(model, directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, shape, where, data in model_shards(model):
+        if key not in tensors:
+            tensors[key] = torch.full(shape, float("nan"))  # NaN: a part no shard filled
+        tensors[key][where] = data
+    assert not any(t.isnan().any() for t in tensors.values())
+    return tensors
+
+
+@pytest.mark.parametrize("layout", ["ep2", "tp2", "pp2"])
+def test_checkpoint_written_by_two_processes_loads_at_world_of_one(two_processes, layout):
+    """`ours.load_model_checkpoint` gives, at world of one, exactly what each rank held."""
+    run = two_processes[layout]
+    assert run["final"].name == "iter_0000004"
+    tensors = _global_tensors(run["final"])
+    covered = set()
+    for rank in run["shards"]:
+        for key, _, where, data in rank:
+            assert torch.equal(tensors[key][where], data), (layout, key, where)
+            covered.add(key)
+    assert covered == set(tensors)

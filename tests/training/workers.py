@@ -1,7 +1,9 @@
 """Shared pieces of the training tests: a tiny LLaVA dataset on disk, configs, and launchers.
 
-Runs of `cumo_megatron.train` happen in subprocesses (``python -m`` or ``torchrun``) so that a run
-can be killed with SIGKILL and restarted, exactly as a user would.
+Runs that are killed with SIGKILL go through `cumo_megatron.train` in subprocesses (``python -m``
+or ``torchrun``: `launch`), exactly as a user would run them. Runs that finish can share one
+process: `train_in_process` runs several, one after another, on the ranks of one
+`tests.helpers.distributed.run_distributed` launch (a launch costs more than a tiny run).
 """
 
 from __future__ import annotations
@@ -150,3 +152,38 @@ def read_metrics(save: str | Path) -> list[dict]:
     """Rows of ``<save>/metrics.jsonl``."""
     path = Path(save) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_in_process(runs: list[dict]) -> list[dict]:
+    """Train each of ``runs`` (``{"config": FILE, "overrides": [...]}``) in this process, in order.
+
+    Every rank of a `run_distributed` launch calls this; each run reads its configuration as the
+    entry point does (`parse_cli`) and resumes from ``<train.save>/latest`` when it exists. Returns
+    per run the checkpoint it resumed from (or None), the iteration it reached and this rank's
+    trained weights (`model_shards`).
+    """
+    from cumo_megatron.config.loader import parse_cli
+    from cumo_megatron.config.schema import ExperimentConfig
+    from cumo_megatron.training.loop import TestHooks, Trainer
+
+    done = []
+    for run in runs:
+        cfg = parse_cli(ExperimentConfig, ["--config", run["config"], *run.get("overrides", [])])
+        trainer = Trainer(cfg, hooks=TestHooks()).setup()
+        trainer.train()
+        done.append({"resumed_from": trainer.resume_from, "iteration": trainer.iteration,
+                     "shards": model_shards(trainer.model)})
+    return done
+
+
+def model_shards(model) -> list[tuple]:
+    """``(key, global shape, global slice, tensor)`` of each sharded tensor ``model`` holds on this rank.
+
+    Key, shape and slice say where the tensor sits in the checkpoint's global tensor (megatron's
+    `ShardedTensor.global_slice`: an index per stacked layer axis, then slices), whatever the layout.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return [(t.key, t.global_shape, t.global_slice(), t.data.detach().clone())
+            for t in nested_values(model.sharded_state_dict()) if isinstance(t, ShardedTensor)]
