@@ -378,7 +378,7 @@ def _plan_release(sources: Sources, overrides: Sequence[str]) -> _Plan:
 def _plan_ours(sources: Sources, overrides: Sequence[str]) -> _Plan:
     from cumo_megatron.checkpoint.streaming import LazyCheckpointState, build_meta_model
 
-    directory = sources.from_checkpoint
+    directory = ours.resolve_checkpoint_dir(sources.from_checkpoint)  # a trainer's save dir: its latest
     model_cfg = ours.read_model_config(directory)
     state = LazyCheckpointState(build_meta_model(model_cfg), directory)  # one tensor at a time
     if overrides:
@@ -648,7 +648,7 @@ def export_checkpoint(
     directory. ``"auto"``: ``release`` when the checkpoint came from a release, else ``split``.
     """
     start = time.time()
-    checkpoint = Path(checkpoint)
+    checkpoint = ours.resolve_checkpoint_dir(checkpoint)
     model_cfg = ours.read_model_config(checkpoint)
     info = ours.read_conversion_info(checkpoint)
     if fmt == "auto":

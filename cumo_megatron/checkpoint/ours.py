@@ -37,15 +37,25 @@ PASSTHROUGH = "passthrough.safetensors"
 SOURCE_DIR = "source"
 
 
+def resolve_checkpoint_dir(directory: PathLike) -> Path:
+    """``directory``, or the checkpoint its ``latest`` file names (a trainer's save directory)."""
+    directory = Path(directory)
+    pointer = directory / "latest"
+    if pointer.is_file() and not (directory / MODEL_CONFIG).is_file():
+        return directory / pointer.read_text().strip()
+    return directory
+
+
 def is_model_checkpoint(directory: PathLike) -> bool:
     """Whether ``directory`` looks like one of our model checkpoints (config + megatron metadata)."""
-    directory = Path(directory)
+    directory = resolve_checkpoint_dir(directory)
     return (directory / MODEL_CONFIG).is_file() and (directory / "metadata.json").is_file()
 
 
 def read_model_config(directory: PathLike) -> ModelConfig:
     """The `ModelConfig` stored in a checkpoint directory (validated)."""
-    path = Path(directory) / MODEL_CONFIG
+    directory = resolve_checkpoint_dir(directory)
+    path = directory / MODEL_CONFIG
     if not path.is_file():
         raise CheckpointError(
             f"{path} does not exist: {directory} is not a cumo-megatron model checkpoint "
@@ -55,8 +65,8 @@ def read_model_config(directory: PathLike) -> ModelConfig:
 
 
 def read_conversion_info(directory: PathLike) -> dict:
-    """``conversion.json`` of a checkpoint ({} when absent, e.g. a checkpoint the trainer wrote)."""
-    path = Path(directory) / CONVERSION_INFO
+    """``conversion.json`` of a checkpoint ({} when absent)."""
+    path = resolve_checkpoint_dir(directory) / CONVERSION_INFO
     if not path.is_file():
         return {}
     try:
@@ -67,7 +77,7 @@ def read_conversion_info(directory: PathLike) -> dict:
 
 def read_passthrough(directory: PathLike) -> dict[str, torch.Tensor]:
     """The passthrough tensors of a checkpoint ({} when there are none)."""
-    path = Path(directory) / PASSTHROUGH
+    path = resolve_checkpoint_dir(directory) / PASSTHROUGH
     if not path.is_file():
         return {}
     from safetensors.torch import load_file
@@ -155,7 +165,7 @@ def load_model_checkpoint(model, directory: PathLike, strict: bool = True) -> No
     """
     from megatron.core import dist_checkpointing
 
-    directory = Path(directory)
+    directory = resolve_checkpoint_dir(directory)
     if not is_model_checkpoint(directory):
         raise CheckpointError(
             f"{directory} is not a cumo-megatron model checkpoint (needs {MODEL_CONFIG} and megatron's "
@@ -183,6 +193,7 @@ def checkpoint_bytes(directory: PathLike) -> int:
 
 
 __all__ = [
+    "resolve_checkpoint_dir",
     "MODEL_CONFIG",
     "CONVERSION_INFO",
     "PASSTHROUGH",

@@ -32,7 +32,8 @@ def collate(
     """Stack ``items`` into a batch dict.
 
     Keys: ``input_ids`` [b, s] int64, ``labels`` [b, s] int64, ``loss_mask`` [b, s] float32,
-    ``images`` [n, 3, H, W] float32 or None, ``indices`` (dataset index per row), ``record_ids``,
+    ``padding_mask`` [b, s] bool (True = padding: the LLM's MoE routers leave it out of their aux
+    losses and load counts; a skipped row is all padding), ``images`` [n, 3, H, W] float32 or None, ``indices`` (dataset index per row), ``record_ids``,
     ``skipped`` (list of `Skipped`), ``truncated`` (list of `Problem`).
     """
     samples = [it for it in items if isinstance(it, Sample)]
@@ -51,6 +52,7 @@ def collate(
     input_ids = torch.full((b, length), pad_id, dtype=torch.long)
     labels = torch.zeros((b, length), dtype=torch.long)
     loss_mask = torch.zeros((b, length), dtype=torch.float32)
+    padding_mask = torch.ones((b, length), dtype=torch.bool)
     images = []
     for row, it in enumerate(items):
         if isinstance(it, Skipped):
@@ -59,12 +61,14 @@ def collate(
         input_ids[row, :n] = it.input_ids
         labels[row, :n] = it.labels
         loss_mask[row, :n] = it.loss_mask
+        padding_mask[row, :n] = False
         if it.images is not None:
             images.append(it.images)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "loss_mask": loss_mask,
+        "padding_mask": padding_mask,
         "images": torch.cat(images) if images else None,
         "indices": [it.index for it in items],
         "record_ids": [it.record_id if isinstance(it, Sample) else it.problem.record_id for it in items],

@@ -104,17 +104,23 @@ class CuMoModel(MegatronModule):
         labels: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inference_context=None,
+        padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-token LM loss ``[b, s]`` when ``labels`` are given, else logits ``[b, s, vocab/tp]``
         (full ``vocab`` with an ``inference_context``: the KV-cache path gathers them).
 
         ``labels[b, t]`` is the token expected after position t (already shifted by the data).
+        ``padding_mask`` ``[b, s]`` (True = padding, megatron's convention) keeps padding out of
+        the LLM routers' aux losses and load counts; pass it on every pipeline stage.
         """
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, images)
             if self.config.sequence_parallel:
                 decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+        if padding_mask is not None and self.config.sequence_parallel:
+            # GPTModel splits the mask for SP only when it embeds the tokens itself; we embed.
+            padding_mask = scatter_to_sequence_parallel_region(padding_mask.t().contiguous()).t().contiguous()
         return self.language_model(
             input_ids=None,
             position_ids=None,
@@ -124,6 +130,7 @@ class CuMoModel(MegatronModule):
             inference_context=inference_context,
             # megatron's inference path insists on full-vocabulary logits (gathered over TP).
             runtime_gather_output=True if inference_context is not None else None,
+            padding_mask=padding_mask,
         )
 
 

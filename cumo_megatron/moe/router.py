@@ -12,7 +12,7 @@ loss is not available (the vision tower lives on the first stage).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -102,7 +102,12 @@ class CuMoRouter(MegatronModule):
         )
 
     def forward(self, hidden_sbh: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route ``[s, b, h]`` tokens; ``padding_mask`` ``[s, b]`` is True for real tokens."""
+        """Route ``[s, b, h]`` tokens; ``padding_mask`` ``[s, b]`` is True for padding tokens.
+
+        megatron-core's convention (its ``GPTModel``/``MoELayer`` hand the mask on as given):
+        padding is routed (its outputs are masked by the loss) but left out of the aux losses and
+        the load counts, as the reference's Mixtral balance loss leaves out masked tokens.
+        """
         if hidden_sbh.dim() == 2:  # callers outside MoELayer may pass flat tokens: one sample
             hidden_sbh = hidden_sbh.unsqueeze(1)
         s, b, h = hidden_sbh.shape
@@ -111,7 +116,7 @@ class CuMoRouter(MegatronModule):
         weights_tk, experts_tk = self.select_experts(probs_sbe.view(s * b, -1), self.topk)
         probs_te, routing_map_te = routing.scatter_routing(weights_tk, experts_tk, self.num_experts)
 
-        valid_sb = padding_mask.bool() if padding_mask is not None else None
+        valid_sb = ~padding_mask.bool() if padding_mask is not None else None
         wants_aux = self.settings.balance_coeff != 0.0 or self.settings.z_loss_coeff != 0.0
         # Under activation recompute a training forward runs twice: once without grad (discarded)
         # and again in backward. Count it once, on the pass that builds the graph.

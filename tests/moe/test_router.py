@@ -121,10 +121,10 @@ def test_stats_accumulate_until_taken():
 def test_padding_tokens_are_excluded():
     router = _router()
     x = _x(5)
-    valid_sb = torch.ones(S, B, dtype=torch.bool)  # the router's convention: True = real token
+    valid_sb = torch.ones(S, B, dtype=torch.bool)  # True = real token (the router takes the inverse)
     valid_sb[4:, 0] = False
     valid_sb[1::2, 2] = False
-    probs_te, _ = router(x, valid_sb)
+    probs_te, _ = router(x, ~valid_sb)  # megatron's convention: True = padding
     (probs_te * 0).sum().backward()
     stats = router.take_stats()
     balance, z = _reference_losses(x, router.weight.detach(), valid_sb)
