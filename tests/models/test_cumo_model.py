@@ -75,3 +75,36 @@ def test_placeholders_without_images_are_an_error(model_and_cfg):
     ids[0, :cfg.vision.tokens_per_image] = cfg.image_token_id
     with pytest.raises(ValueError, match="no images"):
         model(ids, None)
+
+
+def test_padding_is_left_out_of_the_llm_routers_losses_and_counts():
+    """With ``padding_mask`` (True = padding), a right-padded row routes and weighs like its real part."""
+    from cumo_megatron.moe.stats import collect_moe_stats
+
+    platform.initialize(platform.ParallelSizes(), seed=12)
+    cfg = tiny(moe=False, llm_moe=True)
+    model = build_model(cfg, ParallelConfig()).train()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, cfg.language.vocab_size, (2, 12), generator=gen)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 7:] = True  # row 1: 7 real tokens, 5 padding
+    collect_moe_stats(model)  # start from empty counters
+    model(ids, None, padding_mask=padding).sum().backward()
+    masked = collect_moe_stats(model)
+    model.zero_grad()
+    # The same two sequences without their padding, one at a time, add up to the same counts.
+    alone = []
+    for row, n in ((0, 12), (1, 7)):
+        model(ids[row:row + 1, :n], None).sum().backward()
+        alone.append(collect_moe_stats(model))
+    top_k = cfg.language.moe.top_k
+    llm_layers = [k for k in masked["layers"] if k.startswith("language")]
+    assert llm_layers
+    for key in llm_layers:
+        assert sum(masked["layers"][key]) == top_k * (12 + 7), key
+        assert masked["layers"][key] == [a + b for a, b in zip(alone[0]["layers"][key], alone[1]["layers"][key])]
+    # Unmasked, the padding is counted.
+    collect_moe_stats(model)
+    model(ids, None).sum().backward()
+    unmasked = collect_moe_stats(model)
+    assert all(sum(unmasked["layers"][k]) == top_k * 24 for k in llm_layers)
