@@ -92,22 +92,50 @@ def init_process_group(backend: str | None = None, timeout_minutes: int = 30) ->
         )
 
 
+_current_sizes: ParallelSizes | None = None  # what megatron's groups were last made for
+
+
+def _destroy_model_parallel_groups() -> None:
+    """Destroy megatron's process groups, then its bookkeeping.
+
+    ``parallel_state.destroy_model_parallel`` only forgets the groups: each gloo group keeps its
+    threads (two per group) until destroyed, and a long test session that re-creates the groups
+    would pile up thousands of them.
+    """
+    groups = {}
+    for value in vars(parallel_state).values():
+        candidates = value if isinstance(value, (list, tuple)) else [value]
+        for group in candidates:
+            if isinstance(group, dist.ProcessGroup) and group is not dist.group.WORLD:
+                groups[id(group)] = group
+    parallel_state.destroy_model_parallel()
+    for group in groups.values():
+        try:
+            dist.destroy_process_group(group)
+        except (RuntimeError, ValueError):  # already destroyed, or not a group of this process
+            pass
+
+
 def initialize(sizes: ParallelSizes = ParallelSizes(), seed: int = 1234, backend: str | None = None) -> None:
     """Bring up torch.distributed and megatron's TP/PP/EP/CP/DP groups, and seed every RNG stream.
 
-    Safe to call again with the same sizes (tests do); different sizes re-create the groups.
+    Safe to call again (tests do): with the same sizes the groups are kept and only the RNGs are
+    re-seeded; different sizes destroy the old groups and make new ones.
     """
+    global _current_sizes
     init_process_group(backend)
     sizes.data_parallel_size(dist.get_world_size())
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=sizes.tp,
-        pipeline_model_parallel_size=sizes.pp,
-        context_parallel_size=sizes.cp,
-        expert_model_parallel_size=sizes.ep,
-        expert_tensor_parallel_size=sizes.etp,
-    )
+    if not (parallel_state.model_parallel_is_initialized() and _current_sizes == sizes):
+        if parallel_state.model_parallel_is_initialized():
+            _destroy_model_parallel_groups()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=sizes.tp,
+            pipeline_model_parallel_size=sizes.pp,
+            context_parallel_size=sizes.cp,
+            expert_model_parallel_size=sizes.ep,
+            expert_tensor_parallel_size=sizes.etp,
+        )
+        _current_sizes = sizes
     seed_everything(seed)
 
 
@@ -119,7 +147,9 @@ def seed_everything(seed: int) -> None:
 
 def destroy() -> None:
     """Tear down megatron's groups and the process group."""
+    global _current_sizes
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel_groups()
+    _current_sizes = None
     if dist.is_initialized():
         dist.destroy_process_group()
