@@ -305,3 +305,26 @@ class LlavaDataset(Dataset):
                 return self._bad(index, raw.problem(kind, str(exc)))
         truncated = raw.problem(TRUNCATED, f"truncated to max_length {self.max_length}") if enc.truncated else None
         return Sample(enc.input_ids, enc.labels, enc.loss_mask, images, index, raw.record_id, truncated)
+
+
+def dataset_for_run(cfg, files, tokenizer, image_folder: Optional[str] = None) -> "LlavaDataset":
+    """A `LlavaDataset` of ``files`` prepared as the run ``cfg`` (an `ExperimentConfig`) prepares data.
+
+    Template, max length, image preprocessing (from the vision config and ``data.aspect``), bad-record
+    policy, image placeholder id and mixture seed all come from ``cfg``; ``image_folder`` defaults to
+    ``cfg.data.image_folder``. The trainer and the held-out evaluation build their data with it.
+    """
+    from cumo_megatron.data.records import Mixture
+
+    data = cfg.data
+    mixture = Mixture.from_specs(list(files), image_folder or data.image_folder, seed=cfg.seed)
+    return LlavaDataset(
+        mixture,
+        tokenizer,
+        data.template,
+        tokens_per_image=cfg.model.vision.tokens_per_image,
+        max_length=data.max_length,
+        image_processor=ImageProcessor.from_vision_config(cfg.model.vision, aspect=data.aspect),
+        policy=data.policy,
+        image_token_id=cfg.model.image_token_id,
+    )

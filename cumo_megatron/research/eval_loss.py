@@ -42,26 +42,14 @@ class HeldOutLoss:
 
 def heldout_dataset(cfg, files: Sequence[str], image_folder: Optional[str] = None):
     """A `LlavaDataset` of ``files`` prepared exactly as the run ``cfg`` prepared its training data."""
-    from cumo_megatron.data.dataset import LlavaDataset
-    from cumo_megatron.data.images import ImageProcessor
-    from cumo_megatron.data.records import Mixture
+    from cumo_megatron.data.dataset import dataset_for_run
     from cumo_megatron.data.tokenizer import load_tokenizer
 
     data = cfg.data
     if data.tokenizer is None:
         raise ValueError("the run's config has no data.tokenizer; the held-out text cannot be tokenised")
     tokenizer = load_tokenizer(data.tokenizer)
-    mixture = Mixture.from_specs(list(files), image_folder or data.image_folder, seed=cfg.seed)
-    return LlavaDataset(
-        mixture,
-        tokenizer,
-        data.template,
-        tokens_per_image=cfg.model.vision.tokens_per_image,
-        max_length=data.max_length,
-        image_processor=ImageProcessor.from_vision_config(cfg.model.vision, aspect=data.aspect),
-        policy=data.policy,
-        image_token_id=cfg.model.image_token_id,
-    )
+    return dataset_for_run(cfg, files, tokenizer, image_folder)
 
 
 def heldout_loss(model, dataset, micro_batch_size: int = 8) -> HeldOutLoss:

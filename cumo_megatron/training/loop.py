@@ -190,9 +190,7 @@ class Trainer:
 
     def _build_loader(self):
         from cumo_megatron.data.batching import Collator
-        from cumo_megatron.data.dataset import DataHealth, LlavaDataset
-        from cumo_megatron.data.images import ImageProcessor
-        from cumo_megatron.data.records import Mixture
+        from cumo_megatron.data.dataset import DataHealth, dataset_for_run
         from cumo_megatron.data.sampler import LengthGroupedBatchSampler, ResumableLoader
         from cumo_megatron.data.tokenizer import load_tokenizer
 
@@ -207,17 +205,7 @@ class Trainer:
                 f"the tokenizer {data.tokenizer} has {tokenizer.vocab_size} ids but "
                 f"model.language.vocab_size={cfg.model.language.vocab_size}"
             )
-        mixture = Mixture.from_specs(data.files, data.image_folder, seed=cfg.seed)
-        dataset = LlavaDataset(
-            mixture,
-            tokenizer,
-            data.template,
-            tokens_per_image=cfg.model.vision.tokens_per_image,
-            max_length=data.max_length,
-            image_processor=ImageProcessor.from_vision_config(cfg.model.vision, aspect=data.aspect),
-            policy=data.policy,
-            image_token_id=cfg.model.image_token_id,
-        )
+        dataset = dataset_for_run(cfg, data.files, tokenizer)
         tp = self.cfg.parallel.tp
         self.fixed_length = data.max_length if self.cfg.parallel.pp > 1 else None
         if self.fixed_length is not None and self.fixed_length % tp:
