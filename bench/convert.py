@@ -7,9 +7,7 @@ about 2.2 GB in 1 GB safetensors shards) plus a tiny HF CLIP vision tower, then,
 2. ``convert``: runs the conversion (``import_checkpoint``, target layout TP2 x PP2, model
    precision bf16 so the output has the source's size) in a child process that reports its
    resident memory right after its imports (torch + megatron-core alone are ~0.7 GB) and its
-   peak from then on (the kernel's high-water mark ``VmHWM``, reset after the imports through
-   ``/proc/self/clear_refs``: ``ru_maxrss`` would count the imports' own transient peak), and
-   the conversion's wall time.
+   peak from then on, and the conversion's wall time (`tests.fixtures.conversion_probe`).
 
 Prints (a) the child's peak resident memory above its post-import level, divided by the
 checkpoint's size, and (b) the conversion's time divided by the copy's. The page cache is warm
@@ -34,33 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CHILD = r"""
-import json, os, sys, time
-import psutil
-import torch, megatron.core  # noqa: F401  (imports counted in the baseline)
-from cumo_megatron.checkpoint import convert
-from cumo_megatron.config.schema import ParallelConfig
-# Peak RSS since now: imports' transient peaks must not count (the kernel's high-water mark is reset).
-with open("/proc/self/clear_refs", "w") as handle:
-    handle.write("5")
-base = psutil.Process().memory_info().rss
-
-
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
-
-start = time.perf_counter()
-summary = convert.import_checkpoint(
-    convert.Sources(vision=convert.Path(sys.argv[1]), language=convert.Path(sys.argv[2])),
-    sys.argv[3], parallel=ParallelConfig(tp=2, pp=2), overrides=["precision=bf16"],
-)
-seconds = time.perf_counter() - start
-peak = peak_rss()
-print(json.dumps({"rss_after_imports": base, "peak_rss": peak, "seconds": seconds, "out_bytes": summary.bytes}))
-"""
 
 
 def copy_files(src: Path, dest: Path) -> float:
@@ -101,8 +72,9 @@ def main() -> None:
 
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.run(
-            [sys.executable, "-c", CHILD, str(work / "clip"), str(work / "llama"), str(work / "ours")],
-            env=env, capture_output=True, text=True,
+            [sys.executable, "-m", "tests.fixtures.conversion_probe", str(work / "clip"), str(work / "llama"),
+             str(work / "ours"), "precision=bf16"],
+            env=env, capture_output=True, text=True, cwd=ROOT,
         )
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-4000:])

@@ -132,28 +132,6 @@ def test_streaming_save_is_megatrons_checkpoint(world_of_one, tmp_path, llm_moe)
             assert torch.equal(lazy[name], state[name]), f"lazy read of {directory.name}: {name}"
 
 
-_PEAK_CHILD = r"""
-import json, sys
-import psutil
-import torch, megatron.core  # noqa: F401
-from cumo_megatron.checkpoint import convert
-from cumo_megatron.config.schema import ParallelConfig
-# Peak RSS since now: imports' transient peaks must not count (the kernel's high-water mark is reset).
-with open("/proc/self/clear_refs", "w") as handle:
-    handle.write("5")
-base = psutil.Process().memory_info().rss
-
-
-def peak_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
-
-convert.import_checkpoint(convert.Sources(vision=convert.Path(sys.argv[1]), language=convert.Path(sys.argv[2])),
-                          sys.argv[3], parallel=ParallelConfig(tp=2, pp=2))
-print(json.dumps({"above": peak_rss() - base}))
-"""
 
 
 def test_conversion_memory_stays_far_below_the_checkpoint_size(tmp_path):
@@ -167,11 +145,13 @@ def test_conversion_memory_stays_far_below_the_checkpoint_size(tmp_path):
     save_hf_clip_vision(tmp_path / "clip")
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK_CHILD, str(tmp_path / "clip"), str(tmp_path / "llama"), str(tmp_path / "ours")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-m", "tests.fixtures.conversion_probe", str(tmp_path / "clip"), str(tmp_path / "llama"),
+         str(tmp_path / "ours")],
+        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    above = json.loads(proc.stdout.strip().splitlines()[-1])["above"]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    above = probe["peak_rss"] - probe["rss_after_imports"]
     assert above < 0.5 * size, f"peak RSS {above / 2**20:.0f} MiB above imports for a {size / 2**20:.0f} MiB checkpoint"
     assert (tmp_path / "ours" / "model_config.yaml").is_file()
     assert not list(tmp_path.glob("ours/*.spill")) and not list(tmp_path.glob("ours/.*.spill"))
