@@ -11,8 +11,10 @@ about 2.2 GB in 1 GB safetensors shards) plus a tiny HF CLIP vision tower, then,
 
 Prints (a) the child's peak resident memory above its post-import level, divided by the
 checkpoint's size, and (b) the conversion's time divided by the copy's. The page cache is warm
-for both (the files were just written). The last line is JSON:
-``{"peak_rss_over_ckpt": X, "time_over_copy": Y, ...}``. Goals: X <= 0.25, Y <= 3.
+for both (the files were just written). The conversion syncs its output to disk (as megatron's
+own writer does, so that the atomically renamed directory survives a crash) and a plain copy does
+not: ``time_over_synced_copy`` also divides by the copy plus an ``fsync`` of the copies. The last line is JSON:
+``{"peak_rss_over_ckpt": X, "time_over_copy": Y, "time_over_synced_copy": Z, ...}``. Goals: X <= 0.25, Y <= 3.
 
 Usage: ``python bench/convert.py [--layers 22] [--hidden 2048] [--ffn 5632] [--work DIR] [--keep]``.
 """
@@ -34,13 +36,23 @@ sys.path.insert(0, str(ROOT))
 
 
 
-def copy_files(src: Path, dest: Path) -> float:
-    """Seconds to copy ``src``'s weight files into ``dest`` with ``shutil.copyfile``."""
+def copy_files(src: Path, dest: Path) -> tuple[float, float]:
+    """Seconds to copy ``src``'s weight files into ``dest`` with ``shutil.copyfile``, and the
+    seconds to then ``fsync`` the copies (the converter, like megatron's writer, syncs its output)."""
     dest.mkdir(parents=True)
     start = time.perf_counter()
+    copies = []
     for path in sorted(src.glob("*.safetensors")):
         shutil.copyfile(path, dest / path.name)
-    return time.perf_counter() - start
+        copies.append(dest / path.name)
+    copied = time.perf_counter() - start
+    for path in copies:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return copied, time.perf_counter() - start - copied
 
 
 def main() -> None:
@@ -65,10 +77,11 @@ def main() -> None:
                                           args.kv_heads, args.vocab)
         save_hf_clip_vision(work / "clip")
         print(f"synthetic LLaMA: {ckpt_bytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s", flush=True)
+        os.sync()  # flush the source now, so neither the copy nor the conversion waits for it
 
-        copy_s = copy_files(work / "llama", work / "copy")
+        copy_s, sync_s = copy_files(work / "llama", work / "copy")
         shutil.rmtree(work / "copy")
-        print(f"copy: {copy_s:.1f} s", flush=True)
+        print(f"copy: {copy_s:.1f} s (+ {sync_s:.1f} s to fsync the copies)", flush=True)
 
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         proc = subprocess.run(
@@ -84,12 +97,14 @@ def main() -> None:
         result = {
             "peak_rss_over_ckpt": round(above / ckpt_bytes, 4),
             "time_over_copy": round(child["seconds"] / copy_s, 3),
+            "time_over_synced_copy": round(child["seconds"] / (copy_s + sync_s), 3),
             "ckpt_bytes": ckpt_bytes,
             "out_bytes": child["out_bytes"],
             "peak_rss_above_imports_bytes": above,
             "rss_after_imports_bytes": child["rss_after_imports"],
             "convert_s": round(child["seconds"], 2),
             "copy_s": round(copy_s, 2),
+            "copy_fsync_s": round(sync_s, 2),
         }
         print(f"convert: {child['seconds']:.1f} s; peak RSS {above / 2**20:.0f} MiB above the "
               f"{child['rss_after_imports'] / 2**20:.0f} MiB after imports")

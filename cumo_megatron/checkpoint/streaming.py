@@ -311,11 +311,14 @@ def save_streaming(model, tensor_for: Callable[[str], torch.Tensor], checkpoint_
     ``model`` is a world-of-one model built on the meta device (`build_meta_model`);
     ``tensor_for`` returns the full tensor of a state-dict name (any dtype: it is cast to the
     model's). Each tensor is asked for when the writer needs it (a name may be asked for more
-    than once: the two halves of a SwiGLU ``linear_fc1`` are written separately).
-    ``checkpoint_dir`` must exist and be empty. Collective over a world of one.
+    than once: the two halves of a SwiGLU ``linear_fc1`` are written separately). What it returns
+    becomes the writer's: its storage is freed once written, so it must not be a tensor the caller
+    keeps (the sources hand out fresh tensors). ``checkpoint_dir`` must exist and be empty.
+    Collective over a world of one.
     """
     from megatron.core import dist_checkpointing
 
+    partial: dict[str, torch.Tensor] = {}  # at most one tensor whose other parts are still to write
     by_storage: dict[int, tuple[str, torch.Tensor]] = {}
     for name, meta in meta_tensors(model).items():
         by_storage.setdefault(_storage_key(meta), (name, meta))
@@ -328,13 +331,22 @@ def save_streaming(model, tensor_for: Callable[[str], torch.Tensor], checkpoint_
                 "view of a model parameter (a sharded_state_dict factory that copies?)"
             )
         name, meta = found
-        real = tensor_for(name)
-        if tuple(real.shape) != tuple(meta.shape):
-            raise RuntimeError(f"streaming save: {name} has shape {tuple(real.shape)}, the model {tuple(meta.shape)}")
-        real = real.detach().to(device="cpu", dtype=meta.dtype).contiguous()
+        if name in partial:  # the other half of the SwiGLU fc1 made for the previous shard
+            real = partial[name]
+        else:
+            partial.clear()
+            real = tensor_for(name)
+            if tuple(real.shape) != tuple(meta.shape):
+                raise RuntimeError(f"streaming save: {name} has shape {tuple(real.shape)}, the model {tuple(meta.shape)}")
+            real = real.detach().to(device="cpu", dtype=meta.dtype).contiguous()
         piece = real.as_strided(view.size(), view.stride(), view.storage_offset())
-        # A storage of its own (the planner frees it once written): clone unless it is all of ``real``.
-        return piece if piece.nbytes == real.untyped_storage().nbytes() and piece.is_contiguous() else piece.clone()
+        if piece.nbytes == real.untyped_storage().nbytes() and piece.is_contiguous():
+            partial.clear()
+            return piece  # all of ``real``: handed over (the planner frees it once written)
+        # A part (one half of a SwiGLU fc1): a copy of its own, and ``real`` kept for the next part,
+        # which the writer asks for next (same key, same size).
+        partial[name] = real
+        return piece.clone()
 
     failure: list[Exception] = []
 
