@@ -179,16 +179,24 @@ def dataset_corpus(repeat: int = 20) -> list[str]:
     return lines * repeat
 
 
-def train_tokenizer(out_dir, corpus: Iterable[str], vocab_size: int = 320) -> Path:
-    """Train a LLaMA-style sentencepiece BPE model on ``corpus``; write ``out_dir/tokenizer.model``.
+def train_tokenizer(
+    out_dir,
+    corpus: Iterable[str],
+    vocab_size: int = 320,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    hard_vocab_limit: bool = False,
+) -> Path:
+    """Train a LLaMA-style sentencepiece model on ``corpus``; write ``out_dir/tokenizer.model``.
 
-    ``<unk>``=0, ``<s>``=1, ``</s>``=2, no pad, byte fallback (ids 3..258), so ``vocab_size`` must
-    exceed 259 plus the corpus' characters. ``hard_vocab_limit`` is off: a small corpus may give a
-    smaller vocabulary (read it from the model). Returns the path of ``tokenizer.model``.
+    ``<unk>``=0, ``<s>``=1, ``</s>``=2, no pad; with ``byte_fallback`` the byte pieces are ids
+    3..258, so ``vocab_size`` must exceed 259 plus the corpus' characters. Without
+    ``hard_vocab_limit`` a small corpus may give a smaller vocabulary (read it from the model).
+    Returns the path of ``tokenizer.model``.
     """
     import sentencepiece as spm
 
-    if vocab_size <= 259:
+    if byte_fallback and vocab_size <= 259:
         raise ValueError(f"vocab_size={vocab_size}: byte fallback needs more than 259 ids")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,9 +205,9 @@ def train_tokenizer(out_dir, corpus: Iterable[str], vocab_size: int = 320) -> Pa
         sentence_iterator=iter(list(corpus)),
         model_writer=buf,
         vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        hard_vocab_limit=False,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        hard_vocab_limit=hard_vocab_limit,
         unk_id=0,
         bos_id=1,
         eos_id=2,
