@@ -662,8 +662,6 @@ def export_checkpoint(
     from cumo_megatron.checkpoint.streaming import LazyCheckpointState, build_meta_model
 
     model = build_meta_model(model_cfg)
-    if not ours.is_model_checkpoint(checkpoint):
-        ours.read_model_config(checkpoint)  # raises, naming what is missing
     state = LazyCheckpointState(model, checkpoint)  # tensors load one at a time, as they are written
     params = count_params(model)
     del model

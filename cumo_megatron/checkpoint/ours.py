@@ -157,6 +157,17 @@ def save_model_checkpoint_streaming(
     _write_sidecars(model_cfg, out_dir, passthrough, info)
 
 
+def require_model_checkpoint(directory: PathLike) -> Path:
+    """The checkpoint directory ``directory`` stands for; `CheckpointError` if it is not one of ours."""
+    directory = resolve_checkpoint_dir(directory)
+    if not is_model_checkpoint(directory):
+        raise CheckpointError(
+            f"{directory} is not a cumo-megatron model checkpoint (needs {MODEL_CONFIG} and megatron's "
+            "metadata.json); convert weights with tools/upcycle_checkpoint.py first"
+        )
+    return directory
+
+
 def load_model_checkpoint(model, directory: PathLike, strict: bool = True) -> None:
     """Load a checkpoint directory into ``model`` (any layout: megatron reshards).
 
@@ -165,12 +176,7 @@ def load_model_checkpoint(model, directory: PathLike, strict: bool = True) -> No
     """
     from megatron.core import dist_checkpointing
 
-    directory = resolve_checkpoint_dir(directory)
-    if not is_model_checkpoint(directory):
-        raise CheckpointError(
-            f"{directory} is not a cumo-megatron model checkpoint (needs {MODEL_CONFIG} and megatron's "
-            "metadata.json); convert weights with tools/upcycle_checkpoint.py first"
-        )
+    directory = require_model_checkpoint(directory)
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     _ensure_process_group()
@@ -199,6 +205,7 @@ __all__ = [
     "PASSTHROUGH",
     "SOURCE_DIR",
     "is_model_checkpoint",
+    "require_model_checkpoint",
     "read_model_config",
     "read_conversion_info",
     "read_passthrough",

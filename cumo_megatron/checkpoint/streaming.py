@@ -425,7 +425,14 @@ class LazyCheckpointState(Mapping):
     """
 
     def __init__(self, model, directory: PathLike):
+        from cumo_megatron.checkpoint.adapters.common import CheckpointError
+
         self.directory = Path(directory)
+        if not (self.directory / "metadata.json").is_file():
+            raise CheckpointError(
+                f"{self.directory} is not a megatron dist checkpoint (no metadata.json); give one of our "
+                "checkpoints (tools/upcycle_checkpoint.py writes them, the trainer's iter_N are too)"
+            )
         self._sharded = model.sharded_state_dict()
         self._metas = meta_tensors(model)
         self._names = list(self._metas)

@@ -125,6 +125,8 @@ def test_streaming_save_is_megatrons_checkpoint(world_of_one, tmp_path, llm_moe)
     for name, value in loaded.state_dict().items():
         if name in state:
             assert torch.equal(value, state[name]), f"megatron load of the streamed checkpoint: {name}"
+    with pytest.raises(CheckpointError, match="no metadata.json"):
+        LazyCheckpointState(meta_model, tmp_path)
     for directory in (streamed, native):
         lazy = LazyCheckpointState(build_meta_model(cfg), directory)
         assert sorted(lazy) == sorted(state)
