@@ -2,8 +2,9 @@
 
 Writing (`save_streaming`): the model is built on the meta device (shapes only, no memory), and
 its ``sharded_state_dict()`` goes through megatron-core's own ``dist_checkpointing.save`` with a
-save strategy of ours (`StreamingSaveStrategy`): the torch_dist format, written by PyTorch's plain
-``FileSystemWriter`` (serial, one tensor in flight) with a planner whose ``resolve_data`` turns
+save strategy of ours (`StreamingSaveStrategy`): the torch_dist format, written by PyTorch's
+``FileSystemWriter`` (serial, one tensor in flight; early writeback and no CRC pass, see
+`stream_writer`) with a planner whose ``resolve_data`` turns
 each meta tensor into real data only when it is written. The real data of a parameter comes from
 a ``tensor_for(name)`` callable; each meta shard megatron hands over (a whole parameter, one half
 of a SwiGLU ``linear_fc1``, a layer of a stacked key...) is a view of a meta parameter, and the
@@ -280,7 +281,8 @@ def _strategy_class():
     )
 
     class StreamingSaveStrategy(TorchDistSaveShardedStrategy):
-        """megatron's torch_dist format, written serially by PyTorch's ``FileSystemWriter``."""
+        """megatron's torch_dist format, written serially by PyTorch's ``FileSystemWriter``
+        (`stream_writer.writeback_writer`, records without CRC)."""
 
         def __init__(self, materialize: Callable[[torch.Tensor], torch.Tensor]):
             super().__init__("torch_dist", 1, thread_count=1)
@@ -290,15 +292,16 @@ def _strategy_class():
             """Write ``sharded_state_dict`` (meta tensors allowed) to ``checkpoint_dir``."""
             from torch.distributed import checkpoint as dcp
 
+            from cumo_megatron.checkpoint.stream_writer import no_record_crc32, writeback_writer
+
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
                 sharded_state_dict, self.keep_only_main_replica
             )
             pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
             planner = _planner_class()(self._materialize, dedup_replicated_tensors=None, flatten_state_dict=False)
-            writer = dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1,
-                                          sync_files=True)
             try:
-                dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+                with no_record_crc32():
+                    dcp.save(pyt_state_dict, storage_writer=writeback_writer(checkpoint_dir), planner=planner)
             finally:
                 planner.release()
 
