@@ -160,6 +160,10 @@ class CuMoRouter(MegatronModule):
             if valid_sb is not None:
                 chosen_te = chosen_te & valid_sb.reshape(-1, 1)
             counts_e = chosen_te.sum(dim=0)
+            if self._tokens_split_over_tp():
+                # Each TP rank routed a slice of the sequence: the layer's load is their sum (the
+                # same on every TP rank, as the aux statistics are).
+                torch.distributed.all_reduce(counts_e, group=self.tp_group)
         self.stats.tokens_per_expert = (
             counts_e if self.stats.tokens_per_expert is None else self.stats.tokens_per_expert + counts_e
         )

@@ -15,6 +15,7 @@ import cumo_megatron.platform as platform
 from cumo_megatron.config.presets import tiny
 from cumo_megatron.config.schema import ParallelConfig
 from cumo_megatron.models.cumo import build_model
+from cumo_megatron.moe.stats import collect_moe_stats
 from cumo_megatron.training.step import forward_backward, wrap_ddp
 
 
@@ -37,7 +38,8 @@ def save_gradients(model, out_dir: str) -> None:
 def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_dir: str, seq_length: int):
     """Load ``weights`` at the layout, run the micro-batches of this DP rank, save gradients.
 
-    Returns the LM loss averaged over data-parallel ranks (None off the last pipeline stage).
+    Returns the LM loss averaged over data-parallel ranks (None off the last pipeline stage), the
+    routers' token counts per expert of this rank's layers (`collect_moe_stats`) and the DP rank.
     """
     platform.initialize(platform.ParallelSizes(tp=tp, pp=pp, ep=ep), seed=7)
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
@@ -52,12 +54,14 @@ def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_di
     mine = microbatches[dp_rank::dp_size]
     ddp.zero_grad_buffer()
     loss = forward_backward(ddp, mine, len(mine), seq_length=seq_length, micro_batch_size=1)
+    expert_load = collect_moe_stats(model, len(mine))["layers"]
     save_gradients(model, out_dir)
+    out = {"loss": None, "replicas_identical": replicas_identical, "expert_load": expert_load, "dp_rank": dp_rank}
     if loss is None:
-        return {"loss": None, "replicas_identical": replicas_identical}
+        return out
     loss_t = torch.tensor([loss], dtype=torch.float64)
     torch.distributed.all_reduce(loss_t, group=parallel_state.get_data_parallel_group())
-    return {"loss": float(loss_t) / dp_size, "replicas_identical": replicas_identical}
+    return dict(out, loss=float(loss_t) / dp_size)
 
 
 def _tp_replicas_identical(model) -> bool:

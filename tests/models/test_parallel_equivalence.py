@@ -17,6 +17,7 @@ from megatron.core import dist_checkpointing
 import cumo_megatron.platform as platform
 from cumo_megatron.config.schema import ParallelConfig
 from cumo_megatron.models.cumo import build_model
+from cumo_megatron.moe.stats import collect_moe_stats
 from cumo_megatron.training.step import forward_backward, wrap_ddp
 from tests.helpers import shared_launch
 from tests.models.parallel_workers import equivalence_model_config
@@ -60,11 +61,12 @@ def _prepare(tmp) -> tuple[str, dict, dict]:
     ddp = wrap_ddp(model)
     ddp.zero_grad_buffer()
     loss = forward_backward(ddp, batches, MICROBATCHES, seq_length=SEQ, micro_batch_size=1)
+    expert_load = collect_moe_stats(model, MICROBATCHES)["layers"]
     grads = {name: p.main_grad.clone() for name, p in model.named_parameters()}
     out_dirs = [str(tmp / f"grads-{name}") for name in LAYOUTS]
     args = dict(layouts=list(LAYOUTS.values()), weights=str(weights), batches=str(tmp / "batches.pt"),
                 out_dirs=out_dirs, seq_length=SEQ)
-    reference = dict(cfg=cfg, loss=loss, grads=grads, out_dirs=dict(zip(LAYOUTS, out_dirs)))
+    reference = dict(cfg=cfg, loss=loss, grads=grads, expert_load=expert_load, out_dirs=dict(zip(LAYOUTS, out_dirs)))
     return "tests.models.parallel_workers:loss_and_grads_per_layout", args, reference
 
 
@@ -103,3 +105,24 @@ def test_layout_matches_world_of_one(launched, layout):
     # token of this small batch chose legitimately has none).
     flowing = [n for n, g in reference["grads"].items() if float(g.abs().sum()) > 0]
     assert len(flowing) >= 0.9 * len(reference["grads"]), sorted(set(reference["grads"]) - set(flowing))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_expert_load_matches_world_of_one(launched, layout):
+    """Every MoE layer's token counts per expert, summed over data-parallel ranks, are the
+    world-of-one counts: TP ranks that split the sequence (SP) report the whole layer's load, each
+    pipeline stage its own layers."""
+    reference, ranks = launched
+    results = [rank[list(LAYOUTS).index(layout)] for rank in ranks]
+    want = reference["expert_load"]
+    assert any(key.startswith("language") for key in want) and any(key.startswith("vision") for key in want)
+    got: dict[str, list[int]] = {}
+    for dp_rank in sorted({r["dp_rank"] for r in results}):
+        replicas = [r["expert_load"] for r in results if r["dp_rank"] == dp_rank]
+        for other in replicas[1:]:  # TP ranks of one DP rank (or stages, with disjoint layers)
+            for key in set(other) & set(replicas[0]):
+                assert other[key] == replicas[0][key], (layout, key)
+        merged = {key: value for replica in replicas for key, value in replica.items()}
+        for key, counts in merged.items():
+            got[key] = [a + b for a, b in zip(got.get(key, [0] * len(counts)), counts)]
+    assert got == want, layout
