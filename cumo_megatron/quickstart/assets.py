@@ -290,6 +290,35 @@ def pretrain_vision(clip, dataset_dir, steps: int = 150, batch: int = 64, lr: fl
     return sum(hits[-10:]) / len(hits[-10:])
 
 
+def new_tiny_clip(*, hidden_size: int, ffn_hidden_size: int, num_layers: int, num_heads: int, image_size: int,
+                  patch_size: int, seed: int = 0):
+    """A seeded random HF ``CLIPVisionModel`` (quick-GELU, OpenAI CLIP's settings) in eval mode."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    return CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=hidden_size, intermediate_size=ffn_hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size, num_channels=3,
+        hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=hidden_size, attention_dropout=0.0,
+    )).eval()
+
+
+def new_tiny_llama(*, vocab_size: int, hidden_size: int, ffn_hidden_size: int, num_layers: int, num_heads: int,
+                   num_kv_heads: int, max_position_embeddings: int, seed: int = 0):
+    """A seeded random fp32 HF ``LlamaForCausalLM`` (untied embeddings, BOS 1 / EOS 2) in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=ffn_hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, initializer_range=0.02,
+    )).to(torch.float32).eval()
+
+
 def make_tiny_models(out_dir, vocab_size: int, seed: int = 0, dataset_dir=None) -> dict:
     """Save a tiny HF ``CLIPVisionModel`` (``out_dir/clip``) and ``LlamaForCausalLM`` (``out_dir/llm``).
 
@@ -297,8 +326,6 @@ def make_tiny_models(out_dir, vocab_size: int, seed: int = 0, dataset_dir=None) 
     output) the vision tower is first pre-trained on its training images (`pretrain_vision`).
     Returns ``{"clip": path, "llm": path, "clip_pretrain_accuracy": float or None}``.
     """
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -306,25 +333,14 @@ def make_tiny_models(out_dir, vocab_size: int, seed: int = 0, dataset_dir=None) 
     out = Path(out_dir)
     clip_dir, llm_dir = out / "clip", out / "llm"
     t = TINY
-    torch.manual_seed(seed)
-    clip = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=t["vision_hidden"], intermediate_size=t["vision_ffn"],
-        num_hidden_layers=t["vision_layers"], num_attention_heads=t["vision_heads"],
-        image_size=t["image_size"], patch_size=t["patch_size"], num_channels=3,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=t["vision_hidden"],
-        attention_dropout=0.0,
-    )).eval()
+    clip = new_tiny_clip(hidden_size=t["vision_hidden"], ffn_hidden_size=t["vision_ffn"], num_layers=t["vision_layers"],
+                         num_heads=t["vision_heads"], image_size=t["image_size"], patch_size=t["patch_size"], seed=seed)
     accuracy = pretrain_vision(clip, dataset_dir, seed=seed) if dataset_dir is not None else None
     clip.save_pretrained(clip_dir)
     _write_preprocessor_config(clip_dir, t["image_size"])
-    torch.manual_seed(seed + 1)
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=t["lm_hidden"], intermediate_size=t["lm_ffn"],
-        num_hidden_layers=t["lm_layers"], num_attention_heads=t["lm_heads"],
-        num_key_value_heads=t["lm_kv_heads"], max_position_embeddings=t["max_positions"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, initializer_range=0.02,
-    )).to(torch.float32).eval()
+    llm = new_tiny_llama(vocab_size=vocab_size, hidden_size=t["lm_hidden"], ffn_hidden_size=t["lm_ffn"],
+                         num_layers=t["lm_layers"], num_heads=t["lm_heads"], num_kv_heads=t["lm_kv_heads"],
+                         max_position_embeddings=t["max_positions"], seed=seed + 1)
     llm.save_pretrained(llm_dir)
     return {"clip": clip_dir, "llm": llm_dir, "clip_pretrain_accuracy": accuracy}
 

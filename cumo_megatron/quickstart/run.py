@@ -36,7 +36,7 @@ def _step(name: str, message: str):
     print(f"[quickstart] {name}: {message}", flush=True)
 
 
-def _run(name: str, cmd: list[str], log_path: Path) -> None:
+def run_step(name: str, cmd: list[str], log_path: Path) -> None:
     """Run ``cmd`` (output to ``log_path``); raise with the log's tail when it fails."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -78,13 +78,15 @@ def build_assets(out: Path, n_train: int, n_eval: int, seed: int) -> dict:
     return info
 
 
-def _train(stage: int, out: Path, info: dict, load: Path, data_file: str, extra: Sequence[str]) -> Path:
+def train_stage(stage: int, out: Path, info: dict, load: Path, data_file: str, extra: Sequence[str]) -> Path:
+    """Run training stage ``stage`` (``examples/configs/quickstart/stage<N>.yaml``) on the assets
+    ``info`` from ``load`` with ``extra`` overrides; returns its save directory ``out/ckpt/stage<N>``."""
     save = out / "ckpt" / f"stage{stage}"
     cmd = [sys.executable, "-m", "cumo_megatron.train", "--config", str(CONFIGS / f"stage{stage}.yaml"),
            f"model.language.vocab_size={info['vocab_size']}",
            f"data.files=[{info['files'][data_file]}]", f"data.image_folder={info['data']}",
            f"data.tokenizer={info['tokenizer']}", f"train.load={load}", f"train.save={save}", *extra]
-    _run(f"stage{stage}", cmd, out / "logs" / f"stage{stage}.log")
+    run_step(f"stage{stage}", cmd, out / "logs" / f"stage{stage}.log")
     return save
 
 
@@ -106,7 +108,9 @@ def _trained_checkpoint(save_dir: Path) -> Path:
 STEP_TIMES: dict[str, float] = {}  # seconds per step run in this process (reported in eval.json)
 
 
-def _timed(name: str, what: str, done: bool, fn):
+def timed_step(name: str, what: str, done: bool, fn) -> None:
+    """Run ``fn()`` as step ``name`` with a progress line and its wall time (kept in `STEP_TIMES`);
+    a step already ``done`` is reported and skipped."""
     if done:
         _step(name, f"already done ({what}), skipped")
         return
@@ -133,33 +137,33 @@ def run(out: Path, n_train: int = 1600, n_eval: int = 100, seed: int = 0, fresh:
     def assets_step():
         info.update(build_assets(out, n_train, n_eval, seed))
 
-    _timed("assets", "dataset, tokenizer, tiny CLIP + LLaMA", info_path.exists(), assets_step)
+    timed_step("assets", "dataset, tokenizer, tiny CLIP + LLaMA", info_path.exists(), assets_step)
     info.update(json.loads(info_path.read_text()))
     ckpt = out / "ckpt"
     tool = [sys.executable, str(REPO / "tools" / "upcycle_checkpoint.py")]
 
     init = ckpt / "init"
-    _timed("convert", f"HF checkpoints -> {init}", init.exists(), lambda: _run(
+    timed_step("convert", f"HF checkpoints -> {init}", init.exists(), lambda: run_step(
         "convert", tool + ["--vision", info["clip"], "--language", info["llm"], "--out", str(init), "--quiet"],
         out / "logs" / "convert.log"))
 
     s1, s2, s3 = ckpt / "stage1", ckpt / "stage2", ckpt / "stage3"
     done = lambda d: (d / "latest").exists()  # noqa: E731
-    _timed("stage1", "connector only, captions (plain)", done(s1),
-           lambda: _train(1, out, info, init, "stage1_captions.json", overrides.get(1, ())))
-    _timed("stage2", "everything, dense, questions (vicuna_v1)", done(s2),
-           lambda: _train(2, out, info, s1, "stage2.json", overrides.get(2, ())))
+    timed_step("stage1", "connector only, captions (plain)", done(s1),
+           lambda: train_stage(1, out, info, init, "stage1_captions.json", overrides.get(1, ())))
+    timed_step("stage2", "everything, dense, questions (vicuna_v1)", done(s2),
+           lambda: train_stage(2, out, info, s1, "stage2.json", overrides.get(2, ())))
     up = ckpt / "stage3-init"
-    _timed("upcycle", "co-upcycling: CLIP-MoE + MLP-MoE, 4 experts, top-2", up.exists(), lambda: _run(
+    timed_step("upcycle", "co-upcycling: CLIP-MoE + MLP-MoE, 4 experts, top-2", up.exists(), lambda: run_step(
         "upcycle", tool + ["--from-checkpoint", str(_trained_checkpoint(s2)), "--vision-experts", "4",
                            "--connector-experts", "4", "--top-k", "2", "--router-seed", str(seed),
                            "--out", str(up), "--quiet"],
         out / "logs" / "upcycle.log"))
-    _timed("stage3", "everything, MoE + aux losses", done(s3),
-           lambda: _train(3, out, info, up, "stage3.json", overrides.get(3, ())))
+    timed_step("stage3", "everything, MoE + aux losses", done(s3),
+           lambda: train_stage(3, out, info, up, "stage3.json", overrides.get(3, ())))
 
     answers = out / "answers.jsonl"
-    _timed("generate", f"held-out questions -> {answers}", answers.exists(), lambda: _run(
+    timed_step("generate", f"held-out questions -> {answers}", answers.exists(), lambda: run_step(
         "generate", [sys.executable, "-m", "cumo_megatron.generate", "--load", str(_trained_checkpoint(s3)),
                      "--batch", info["files"]["eval.json"], "--out", str(answers),
                      "--tokenizer", info["tokenizer"], "--template", "vicuna_v1", "--max-new-tokens", "4"],

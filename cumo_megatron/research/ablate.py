@@ -353,19 +353,19 @@ def prepare_base(base: Path, settings: Settings) -> dict:
 
     base.mkdir(parents=True, exist_ok=True)
     info_path = base / "assets.json"
-    quickstart._timed("assets", "dataset, tokenizer, tiny CLIP + LLaMA", info_path.exists(),
+    quickstart.timed_step("assets", "dataset, tokenizer, tiny CLIP + LLaMA", info_path.exists(),
                       lambda: quickstart.build_assets(base, settings.n_train, settings.n_eval, settings.seed))
     info = json.loads(info_path.read_text())
     init, s1, s2 = base / "ckpt" / "init", base / "ckpt" / "stage1", base / "ckpt" / "stage2"
     tool = [sys.executable, str(quickstart.REPO / "tools" / "upcycle_checkpoint.py")]
-    quickstart._timed("convert", f"HF checkpoints -> {init}", init.exists(), lambda: quickstart._run(
+    quickstart.timed_step("convert", f"HF checkpoints -> {init}", init.exists(), lambda: quickstart.run_step(
         "convert", tool + ["--vision", info["clip"], "--language", info["llm"], "--out", str(init), "--quiet"],
         base / "logs" / "convert.log"))
     overrides = _base_overrides(settings)
-    quickstart._timed("stage1", "connector only, captions (plain)", (s1 / "latest").exists(),
-                      lambda: quickstart._train(1, base, info, init, "stage1_captions.json", overrides[1]))
-    quickstart._timed("stage2", f"shared dense stage 2, {settings.stage2_steps} steps", (s2 / "latest").exists(),
-                      lambda: quickstart._train(2, base, info, s1, "stage2.json", overrides[2]))
+    quickstart.timed_step("stage1", "connector only, captions (plain)", (s1 / "latest").exists(),
+                      lambda: quickstart.train_stage(1, base, info, init, "stage1_captions.json", overrides[1]))
+    quickstart.timed_step("stage2", f"shared dense stage 2, {settings.stage2_steps} steps", (s2 / "latest").exists(),
+                      lambda: quickstart.train_stage(2, base, info, s1, "stage2.json", overrides[2]))
     return info
 
 
@@ -405,8 +405,8 @@ def _variant_dir_ready(base: Path, vdir: Path, variant: Variant, settings: Setti
     cmd = [sys.executable, "-m", "cumo_megatron.research.ablate", "scratch-init",
            "--stage2", str(base / "ckpt" / "stage2"), "--config", str(config), "--out", str(init),
            "--seed", str(settings.seed), *overrides]
-    quickstart._timed(f"scratch init {variant.name}", f"stage 2 with fresh experts -> {init}", False,
-                      lambda: quickstart._run("scratch-init", cmd, vdir / "logs" / "scratch_init.log"))
+    quickstart.timed_step(f"scratch init {variant.name}", f"stage 2 with fresh experts -> {init}", False,
+                      lambda: quickstart.run_step("scratch-init", cmd, vdir / "logs" / "scratch_init.log"))
 
 
 def _finished(vdir: Path, variant: Variant, settings: Settings) -> Optional[dict]:

@@ -550,23 +550,19 @@ def prepare_data(grid: Grid, out: Path) -> SweepData:
 def build_tiny_clip(out_dir, size: dict, dataset_dir, seed: int = 0) -> float:
     """A tiny HF ``CLIPVisionModel`` of ``size`` in ``out_dir``, pre-trained on the dataset's training
     images as the quickstart's CLIP is (`assets.pretrain_vision`); returns its pre-training accuracy."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from cumo_megatron.quickstart import assets
 
-    torch.manual_seed(seed)
-    clip = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=size["hidden_size"], intermediate_size=size["ffn_hidden_size"],
-        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
-        image_size=size["image_size"], patch_size=size["patch_size"], num_channels=3,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=size["hidden_size"], attention_dropout=0.0,
-    )).eval()
+    clip = assets.new_tiny_clip(**{key: size[key] for key in _CLIP_SIZE_KEYS}, seed=seed)
     accuracy = 0.0
     if size["pretrain_steps"] > 0:
         accuracy = assets.pretrain_vision(clip, dataset_dir, steps=size["pretrain_steps"], seed=seed)
     clip.save_pretrained(out_dir)
     return accuracy
+
+
+_CLIP_SIZE_KEYS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_heads", "image_size", "patch_size")
+_LLAMA_SIZE_KEYS = ("hidden_size", "ffn_hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "max_position_embeddings")
 
 
 def caption_sequences(records: Sequence[dict], tokenizer, template: str,
@@ -643,17 +639,9 @@ def pretrain_language(llm, sequences: Sequence[tuple[list[int], list[int]]], ste
 def build_tiny_llama(out_dir, size: dict, vocab_size: int, seed: int = 0, sequences=None) -> Optional[float]:
     """A tiny seeded HF ``LlamaForCausalLM`` of ``size`` in ``out_dir`` (as `make_tiny_models`), pre-trained
     for ``size["pretrain_steps"]`` steps on ``sequences`` (`pretrain_language`); returns that loss or None."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from cumo_megatron.quickstart import assets
 
-    torch.manual_seed(seed)
-    llm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=size["hidden_size"], intermediate_size=size["ffn_hidden_size"],
-        num_hidden_layers=size["num_layers"], num_attention_heads=size["num_heads"],
-        num_key_value_heads=size["num_kv_heads"], max_position_embeddings=size["max_position_embeddings"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-        initializer_range=0.02,
-    )).to(torch.float32).eval()
+    llm = assets.new_tiny_llama(vocab_size=vocab_size, **{key: size[key] for key in _LLAMA_SIZE_KEYS}, seed=seed)
     loss = None
     if size["pretrain_steps"] > 0:
         loss = pretrain_language(llm, sequences or [], size["pretrain_steps"], seed=seed)
@@ -720,14 +708,14 @@ def _launch(grid: Grid, step: str, entry: str, argv: list[str], log: Path, prefi
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     if grid.launch_mode == "subprocess":
-        from cumo_megatron.quickstart.run import _run
+        from cumo_megatron.quickstart.run import run_step
 
         if entry == "convert":
             head = [sys.executable, str(CONVERT_TOOL)]
         else:
             head = [*(prefix or [sys.executable]), "-m", entry]
         try:
-            _run(step, head + argv, log)
+            run_step(step, head + argv, log)
         except RuntimeError as err:
             raise StepFailed(str(err), log) from None
         return

@@ -266,7 +266,7 @@ def test_rerun_skips_finished_variants_and_steps(ablation, monkeypatch):
     def no_subprocess(name, cmd, log_path):
         raise AssertionError(f"re-run started step {name}")
 
-    monkeypatch.setattr(quickstart, "_run", no_subprocess)
+    monkeypatch.setattr(quickstart, "run_step", no_subprocess)
     assert ablate.run_ablation(out, ["stage2_start", "upcycled_aux"], SETTINGS, progress=False) == rows
     assert result.read_text() == before
     # A variant whose result was lost: its finished quickstart steps are skipped, it is scored again.
