@@ -8,7 +8,8 @@ Single mode prints the answer alone on stdout (everything else goes to stderr). 
 LLaVA-format ``.json``/``.jsonl`` (``id``, ``image``, ``conversations``; the first human turn is
 the question, a following gpt turn is kept as ``reference``; LLaVA's evaluation lines
 ``{question_id, image, text}`` work too) and writes one JSON line per record to ``--out``:
-``{"id", "question_id", "prompt", "text", "reference", "model_id"}``.
+``{"id", "question_id", "prompt", "text", "reference", "model_id"}``, ``--batch-size`` questions
+at a time (left-padded into one batch; greedy answers are those of each question asked alone).
 
 ``--load`` takes our checkpoint directory or an original CuMo release directory (converted on the
 fly, TP = 1). Greedy decoding when ``--temperature`` is 0 (the default), else temperature + top-p
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="the question (single mode); '<image>\\n' is prepended when absent")
     p.add_argument("--batch", help="LLaVA-format .json/.jsonl of questions (batch mode)")
     p.add_argument("--out", help="answers .jsonl (batch mode)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="questions generated together in batch mode (left-padded; default 8). Greedy answers "
+                   "do not depend on it; sampled ones do (one generator per batch)")
     p.add_argument("--image-folder", help="folder the batch file's image names are relative to "
                    "(default: the batch file's folder)")
     p.add_argument("--template", default=None, help="vicuna_v1 | mistral_instruct | plain "
@@ -75,6 +79,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--batch needs --out answers.jsonl")
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     if (args.contrast_weak_topk is None) != (args.contrast_alpha is None):
@@ -163,17 +169,31 @@ def _answer_all(args, session, rank: int, contrast) -> int:
         if rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
             sink = stack.enter_context(out.open("w", encoding="utf-8"))
-        for rid, question, images, reference in batch_items(batch, folder):
-            answer = session.answer(question, images, **sampling)
-            n += 1
+        for chunk in _chunks(batch_items(batch, folder), args.batch_size):
+            answers = session.answer_many([(question, images) for _, question, images, _ in chunk], **sampling)
+            for (rid, _, _, reference), answer in zip(chunk, answers):
+                n += 1
+                if sink is not None:
+                    row = {"id": rid, "question_id": rid, "prompt": answer.prompt, "text": answer.text,
+                           "reference": reference, "model_id": Path(args.load).name}
+                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             if sink is not None:
-                row = {"id": rid, "question_id": rid, "prompt": answer.prompt, "text": answer.text,
-                       "reference": reference, "model_id": Path(args.load).name}
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
-            log.info("answered %s", rid)
+            log.info("answered %d questions", n)
     log.info("wrote %d answers to %s", n, out)
     return 0
+
+
+def _chunks(items, size: int):
+    """Lists of up to ``size`` consecutive items."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 _REAL_STDOUT = sys.stdout

@@ -18,7 +18,7 @@ Pipeline parallelism is not supported here (one stage must hold the whole model)
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -72,16 +72,36 @@ def _broadcast_tp(tokens_b: torch.Tensor) -> torch.Tensor:
     return tokens_b
 
 
+def _attention_mask(b: int, s: int, offset: int, left_pad_b: Optional[torch.Tensor], device) -> torch.Tensor:
+    """``[b or 1, 1, s, offset + s]``, True where a query may NOT look (megatron's convention).
+
+    Bottom-right causal over cache + chunk; with ``left_pad_b``, the first ``left_pad_b[i]``
+    positions of row i are hidden from every other position. A padding position still sees itself:
+    a row with nothing to attend to would make softmax NaN, and 0 * NaN poisons the real rows.
+    """
+    q_pos = offset + torch.arange(s, device=device)
+    k_pos = torch.arange(offset + s, device=device)
+    future_qk = k_pos.view(1, -1) > q_pos.view(-1, 1)
+    if left_pad_b is None:
+        return future_qk.view(1, 1, s, offset + s)
+    pad_bk = k_pos.view(1, -1) < left_pad_b.to(device).view(-1, 1)
+    self_qk = k_pos.view(1, -1) == q_pos.view(-1, 1)
+    hidden_bqk = future_qk.unsqueeze(0) | (pad_bk.unsqueeze(1) & ~self_qk.unsqueeze(0))
+    return hidden_bqk.view(b, 1, s, offset + s)
+
+
 def forward_last_logits(
     model,
     input_ids_bs: torch.Tensor,
     images: Optional[torch.Tensor],
     context: Optional[StaticInferenceContext] = None,
+    left_pad_b: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Full-vocabulary float logits ``[b, vocab]`` of the last position of ``input_ids_bs``.
 
     With a ``context``, ``input_ids_bs`` continues the sequence cached there (its first position is
-    ``context.sequence_len_offset``) and the context advances by its length.
+    ``context.sequence_len_offset``) and the context advances by its length. ``left_pad_b`` ``[b]``:
+    how many positions at the start of each row's whole sequence (cache included) are padding.
     """
     b, s = input_ids_bs.shape
     multiple = _chunk_multiple(model)
@@ -92,11 +112,9 @@ def forward_last_logits(
         ids = torch.cat([ids, ids.new_zeros(b, pad)], dim=1)
     attention_mask = None
     offset = context.sequence_len_offset if context is not None else 0
-    if context is not None and (pad or offset > 0 and s > 1):
-        # Bottom-right causal over cache + chunk; True marks what a query may NOT see (megatron).
-        q_pos = offset + torch.arange(s + pad, device=ids.device)
-        k_pos = torch.arange(offset + s + pad, device=ids.device)
-        attention_mask = (k_pos.view(1, -1) > q_pos.view(-1, 1)).view(1, 1, s + pad, offset + s + pad)
+    padded_rows = left_pad_b is not None and bool((left_pad_b > 0).any())
+    if padded_rows or context is not None and (pad or offset > 0 and s > 1):
+        attention_mask = _attention_mask(b, s + pad, offset, left_pad_b if padded_rows else None, ids.device)
     logits_bsv = model(ids, images, attention_mask=attention_mask, inference_context=context)
     if context is not None:
         context.sequence_len_offset += s
@@ -104,6 +122,18 @@ def forward_last_logits(
     if context is None:  # with a context megatron already gathered the vocabulary
         last_bv = _full_vocab(last_bv)
     return last_bv.float()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one batch: ``(input_ids [b, s], left_pad_b [b])``, each row
+    right-aligned behind ``pad_id``s (the masks of `generate` hide them)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("left_pad needs at least one prompt, none of them empty")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+    return ids, torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
 
 
 def sample_next(
@@ -135,10 +165,11 @@ class _NextLogits:
     call) or, without a cache, the whole sequence recomputed each call."""
 
     def __init__(self, model, input_ids: torch.Tensor, images: Optional[torch.Tensor], max_new_tokens: int,
-                 use_cache: bool):
+                 use_cache: bool, left_pad_b: Optional[torch.Tensor] = None):
         self.model = model
         self.images = images
         self.sequence = input_ids
+        self.left_pad_b = left_pad_b
         self.context = None
         if use_cache:
             b, s = input_ids.shape
@@ -152,12 +183,12 @@ class _NextLogits:
         if self.context is None:
             if last_b is not None:
                 self.sequence = torch.cat([self.sequence, last_b.view(b, 1)], dim=1)
-            return forward_last_logits(self.model, self.sequence, self.images)
+            return forward_last_logits(self.model, self.sequence, self.images, left_pad_b=self.left_pad_b)
         if last_b is None:
-            logits_bv = forward_last_logits(self.model, self.sequence, self.images, self.context)
+            logits_bv = forward_last_logits(self.model, self.sequence, self.images, self.context, self.left_pad_b)
             self.context.enable_decode_mode()
             return logits_bv
-        return forward_last_logits(self.model, last_b.view(b, 1), None, self.context)
+        return forward_last_logits(self.model, last_b.view(b, 1), None, self.context, self.left_pad_b)
 
 
 @torch.no_grad()
@@ -172,11 +203,15 @@ def generate(
     seed: int = 0,
     use_cache: bool = True,
     contrast: Optional[ContrastSettings] = None,
+    left_pad_b: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """New tokens ``[b, n <= max_new_tokens]`` after the prompts ``input_ids [b, s]``.
 
-    ``input_ids`` hold each image pre-expanded to ``tokens_per_image`` placeholders (as in training)
-    and no padding (all prompts of a batch have the same length); ``images [n, 3, H, W]`` or None.
+    ``input_ids`` hold each image pre-expanded to ``tokens_per_image`` placeholders (as in training);
+    ``images [n, 3, H, W]`` (the rows' images in row order) or None. Prompts of different lengths
+    are left-padded (`left_pad`), ``left_pad_b [b]`` saying how many ids of each row are padding:
+    masks hide them and rotary positions are relative, so each row's tokens are those it gets
+    alone, up to float rounding.
     Greedy when ``temperature`` is 0; otherwise temperature + top-p sampling from a CPU generator
     seeded with ``seed`` (reproducible). A sequence that produced ``eos_id`` keeps emitting it and
     decoding stops once all have. ``use_cache=False`` recomputes the whole sequence each step (the
@@ -195,8 +230,13 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     finished_b = torch.zeros(b, dtype=torch.bool)
     new_tokens: list[torch.Tensor] = []
-    strong = _NextLogits(model, input_ids, images, max_new_tokens, use_cache)
-    weak = _NextLogits(model, input_ids, images, max_new_tokens, use_cache) if contrast is not None else None
+    if left_pad_b is not None:
+        left_pad_b = torch.as_tensor(left_pad_b, dtype=torch.long).cpu()
+        if left_pad_b.shape != (b,) or bool((left_pad_b < 0).any()) or bool((left_pad_b >= input_ids.shape[1]).any()):
+            raise ValueError(f"left_pad_b must hold one count in [0, {input_ids.shape[1]}) per row, got {left_pad_b.tolist()}")
+    strong = _NextLogits(model, input_ids, images, max_new_tokens, use_cache, left_pad_b)
+    weak = (_NextLogits(model, input_ids, images, max_new_tokens, use_cache, left_pad_b)
+            if contrast is not None else None)
     for _ in range(max_new_tokens):
         last_b = new_tokens[-1] if new_tokens else None
         logits_bv = strong(last_b)
@@ -224,4 +264,4 @@ def strip_after_eos(tokens: list[int], eos_id: Optional[int]) -> list[int]:
     return tokens
 
 
-__all__ = ["generate", "sample_next", "forward_last_logits", "strip_after_eos"]
+__all__ = ["generate", "sample_next", "forward_last_logits", "left_pad", "strip_after_eos"]

@@ -18,8 +18,8 @@ from megatron.core import parallel_state
 from cumo_megatron.checkpoint.adapters.common import CheckpointError
 from cumo_megatron.config.schema import ModelConfig, ParallelConfig
 from cumo_megatron.data.images import ImageProcessor, load_rgb
-from cumo_megatron.data.tokenizer import Tokenizer, load_tokenizer
-from cumo_megatron.inference.generation import generate, strip_after_eos
+from cumo_megatron.data.tokenizer import Tokenizer
+from cumo_megatron.inference.generation import generate, left_pad, strip_after_eos
 from cumo_megatron.inference.prompts import generation_prompt, prompt_input_ids
 from cumo_megatron.models.cumo import build_model
 
@@ -94,7 +94,8 @@ class Answer:
 
 
 class InferenceSession:
-    """Model + tokenizer + image processor + template; `answer` asks one question."""
+    """Model + tokenizer + image processor + template; `answer` asks one question, `answer_many`
+    a batch of them."""
 
     def __init__(
         self,
@@ -130,6 +131,52 @@ class InferenceSession:
         ``contrast``: `cumo_megatron.inference.contrast.ContrastSettings` for self-contrast
         decoding of an MoE model (None: plain decoding).
         """
+        return self.answer_many([(question, image_paths)], max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed, contrast=contrast)[0]
+
+    def answer_many(
+        self,
+        questions: Sequence[tuple[str, Sequence[str | Path]]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        contrast=None,
+    ) -> list[Answer]:
+        """Answer ``(question, image paths)`` pairs in one left-padded batch, in order.
+
+        Greedy answers are each question's own answer asked alone (tested); sampled ones draw from
+        one generator for the batch, so they depend on how questions are batched.
+        """
+        prompts, ids, images = [], [], []
+        for question, image_paths in questions:
+            prompt, prompt_ids, prompt_images = self._prompt(question, image_paths)
+            prompts.append(prompt)
+            ids.append(prompt_ids)
+            if prompt_images is not None:
+                images.append(prompt_images)
+        param = next(self.model.parameters())
+        input_ids, left_pad_b = left_pad(ids)
+        tokens_bn = generate(
+            self.model,
+            input_ids.to(param.device),
+            torch.cat(images).to(device=param.device, dtype=param.dtype) if images else None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_id=self.tokenizer.eos_id,
+            seed=seed,
+            contrast=contrast,
+            left_pad_b=left_pad_b,
+        )
+        answers = []
+        for prompt, row in zip(prompts, tokens_bn.tolist()):
+            text = self.tokenizer.decode(strip_after_eos(row, self.tokenizer.eos_id)).strip()
+            answers.append(Answer(text=text, prompt=prompt, tokens=row))
+        return answers
+
+    def _prompt(self, question: str, image_paths: Sequence[str | Path]) -> tuple[str, list[int], Optional[torch.Tensor]]:
+        """The templated prompt, its ids (images expanded to placeholders) and its pixel values."""
         has_image = len(image_paths) > 0
         prompt = generation_prompt(self.template, question, has_image=has_image)
         ids = prompt_input_ids(prompt, self.tokenizer, self.cfg.vision.tokens_per_image, self.cfg.image_token_id)
@@ -138,24 +185,8 @@ class InferenceSession:
             raise ValueError(
                 f"the prompt holds {n_placeholders} <image> but {len(image_paths)} image(s) were given"
             )
-        param = next(self.model.parameters())
-        images = None
-        if has_image:
-            images = torch.stack([self.processor(load_rgb(p)) for p in image_paths])
-            images = images.to(device=param.device, dtype=param.dtype)
-        tokens = generate(
-            self.model,
-            torch.tensor([ids], dtype=torch.long, device=param.device),
-            images,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_id=self.tokenizer.eos_id,
-            seed=seed,
-            contrast=contrast,
-        )[0].tolist()
-        text = self.tokenizer.decode(strip_after_eos(tokens, self.tokenizer.eos_id)).strip()
-        return Answer(text=text, prompt=prompt, tokens=tokens)
+        images = torch.stack([self.processor(load_rgb(p)) for p in image_paths]) if has_image else None
+        return prompt, ids, images
 
 
 __all__ = ["load_model", "default_tokenizer_path", "default_template", "Answer", "InferenceSession"]

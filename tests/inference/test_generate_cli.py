@@ -81,18 +81,29 @@ def test_batch_mode_writes_json_lines(setup, tmp_path):
         {"id": "t", "conversations": [{"from": "human", "value": "Say hi."}]},  # text only
     ]
     questions.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    asked = [("<image>\nWhat shape?", [images[0]]), ("Which colour?", [images[1]]), ("Say hi.", [])]
     out = tmp_path / "out" / "answers.jsonl"
+    # Sampled answers one question at a time equal the session's own.
     assert main(["--load", str(release.path), "--batch", str(questions), "--out", str(out),
-                 "--image-folder", str(images[0].parent), *SAMPLING]) == 0
+                 "--image-folder", str(images[0].parent), "--batch-size", "1", *SAMPLING]) == 0
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got] == ["a", 7, "t"]
     assert got[0]["reference"] == "a circle" and got[1]["reference"] is None
     assert got[0]["prompt"].endswith("<image>\nWhat shape? [/INST]")
     assert "<image>" not in got[2]["prompt"]
-    for row, (question, imgs) in zip(got, [("<image>\nWhat shape?", [images[0]]), ("Which colour?", [images[1]]),
-                                           ("Say hi.", [])]):
+    for row, (question, imgs) in zip(got, asked):
         expected = session.answer(question, imgs, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=4)
         assert row["text"] == expected.text
+    # --batch-size 2: the questions go to the session in order, two at a time (2 + 1); greedy
+    # batches giving each question's own tokens is tested in test_generation.py.
+    batched = tmp_path / "batched.jsonl"
+    assert main(["--load", str(release.path), "--batch", str(questions), "--out", str(batched),
+                 "--image-folder", str(images[0].parent), "--batch-size", "2", *SAMPLING]) == 0
+    sampling = dict(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=4)
+    expected = session.answer_many(asked[:2], **sampling) + session.answer_many(asked[2:], **sampling)
+    texts = [json.loads(line)["text"] for line in batched.read_text().splitlines()]
+    assert texts == [a.text for a in expected]
+    assert texts[:2] != [row["text"] for row in got[:2]]  # batched sampling differs from one at a time
 
 
 def test_cli_errors(setup, tmp_path, capsys):
@@ -102,6 +113,9 @@ def test_cli_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--load", str(release.path), "--batch", "q.json"])  # no --out
     assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--load", str(release.path), "--batch", "q.json", "--out", "a.jsonl", "--batch-size", "0"])
+    assert "--batch-size" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="neither"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="--tokenizer"):

@@ -12,7 +12,8 @@ import torch
 
 from cumo_megatron.checkpoint import ours
 from cumo_megatron.inference import generation
-from cumo_megatron.inference.generation import forward_last_logits, generate, sample_next, strip_after_eos
+from cumo_megatron.inference.contrast import ContrastSettings
+from cumo_megatron.inference.generation import forward_last_logits, generate, left_pad, sample_next, strip_after_eos
 from megatron.core.inference.contexts import StaticInferenceContext
 from tests.fixtures.tiny_models import save_images
 from tests.helpers.distributed import run_distributed
@@ -80,6 +81,59 @@ def test_padded_chunks_give_the_same_tokens(loaded, greedy, kind, monkeypatch):
     assert ids.shape[1] % 3 != 0  # the prefill is padded too
     padded = generate(model, ids, images, max_new_tokens=NEW)
     assert torch.equal(plain, padded)
+
+
+def _ragged_prompts(cfg):
+    """Three prompts of lengths 4 + image, 9 + image and 6 (text only), and the two images."""
+    g = torch.Generator().manual_seed(11)
+    n = cfg.vision.tokens_per_image
+    image_run = [cfg.image_token_id] * n
+    text = [torch.randint(3, cfg.language.vocab_size, (k,), generator=g).tolist() for k in (4, 9, 6)]
+    prompts = [text[0][:1] + image_run + text[0][1:], text[1][:5] + image_run + text[1][5:], text[2]]
+    _, images = prompt_batch(cfg, batch=2, seed=4)
+    return prompts, [images[0:1], images[1:2], None]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
+def test_left_padded_batch_gives_each_prompts_own_tokens(loaded, kind, monkeypatch):
+    """Prompts of different lengths (with and without an image) in one left-padded batch: each
+    row's greedy tokens are those it gets alone, with and without the KV cache, and with the
+    sequence-parallel chunk padding on top."""
+    _, model, cfg = loaded[kind]
+    prompts, images = _ragged_prompts(cfg)
+    alone = [generate(model, torch.tensor([p]), image, NEW)[0] for p, image in zip(prompts, images)]
+    ids, pad_b = left_pad(prompts)
+    assert pad_b.tolist() == [ids.shape[1] - len(p) for p in prompts] and pad_b.min() == 0
+    batch_images = torch.cat([i for i in images if i is not None])
+    batched = generate(model, ids, batch_images, NEW, left_pad_b=pad_b)
+    for row, want in enumerate(alone):
+        assert torch.equal(batched[row], want), (kind, row)
+    assert torch.equal(generate(model, ids, batch_images, NEW, left_pad_b=pad_b, use_cache=False), batched)
+    monkeypatch.setattr(generation, "_chunk_multiple", lambda model: 3)
+    assert torch.equal(generate(model, ids, batch_images, NEW, left_pad_b=pad_b), batched)
+    # Without the mask the padding is read as text: some row changes (the test can tell).
+    assert not torch.equal(generate(model, ids, batch_images, NEW), batched)
+
+
+def test_left_padded_batch_with_self_contrast(loaded):
+    _, model, cfg = loaded["mixtral"]
+    prompts, images = _ragged_prompts(cfg)
+    contrast = ContrastSettings(1, 1.0)
+    alone = [generate(model, torch.tensor([p]), image, NEW, contrast=contrast)[0] for p, image in zip(prompts, images)]
+    ids, pad_b = left_pad(prompts)
+    batched = generate(model, ids, torch.cat([i for i in images if i is not None]), NEW, contrast=contrast,
+                       left_pad_b=pad_b)
+    for row, want in enumerate(alone):
+        assert torch.equal(batched[row], want), row
+
+
+def test_left_pad_refuses_what_it_cannot_pad(loaded):
+    with pytest.raises(ValueError, match="none of them empty"):
+        left_pad([[1, 2], []])
+    _, model, cfg = loaded["mistral"]
+    ids, images = prompt_batch(cfg)
+    with pytest.raises(ValueError, match="left_pad_b"):
+        generate(model, ids, images, 2, left_pad_b=torch.tensor([0, ids.shape[1]]))
 
 
 def test_greedy_is_deterministic_and_sampling_is_seeded(loaded, greedy):
