@@ -13,6 +13,10 @@ parallelism every chunk fed to the model must be a multiple of TP long: chunks a
 end and an explicit attention mask keeps each real position from seeing the padding; the KV-cache
 offset advances by the real length only, so the padding slots are overwritten by the next step.
 
+Prompts of different lengths share a batch left-padded (`left_pad`): an explicit mask hides each
+row's padding from every other position at prefill and at every decode step; rotary positions
+are relative, so a row's tokens are those it gets alone.
+
 Pipeline parallelism is not supported here (one stage must hold the whole model).
 """
 
