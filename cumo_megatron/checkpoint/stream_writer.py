@@ -1,8 +1,8 @@
 """The file side of the streaming checkpoint writer: early writeback and no CRC pass.
 
-PyTorch's serial ``FileSystemWriter`` as the streaming save uses it, with two changes that halve a
-conversion's time (2.2 GB TinyLlama-shaped checkpoint, 2-core VM: 6.4-7.3 s -> 2.4-2.9 s; see
-``bench/convert.py``):
+PyTorch's serial ``FileSystemWriter`` as the streaming save uses it, with two changes that more
+than halve a conversion's time (2.2 GB TinyLlama-shaped checkpoint on the 2-core VM, repeated in one
+process: 6.4-7.3 s -> 2.4-2.9 s; in a fresh process, as ``bench/convert.py`` runs it, 2.9-3.9 s):
 
 - `WritebackFile` starts the kernel's writeback of every `WRITEBACK_CHUNK` as soon as it is
   written and lets the kernel drop the pages already on disk. The final ``fsync`` (kept: the
