@@ -13,8 +13,8 @@ at a time (left-padded into one batch; greedy answers are those of each question
 
 ``--load`` takes our checkpoint directory or an original CuMo release directory (converted on the
 fly, TP = 1). Greedy decoding when ``--temperature`` is 0 (the default), else temperature + top-p
-sampling seeded by ``--seed``. Under ``torchrun`` the world is split into TP ranks (``--tp``,
-default the world size); only rank 0 prints and writes.
+sampling seeded by ``--seed``. Under ``torchrun`` the world is split into ``--pp`` pipeline stages
+(default 1) of ``--tp`` ranks (default: all the rest); only rank 0 prints and writes.
 
 ``--contrast-weak-topk K --contrast-alpha A`` turn on self-contrast decoding of an MoE model (SCMoE,
 Shi et al. 2024, with contrastive decoding's plausibility constraint ``--contrast-beta``, Li et al.
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aspect", choices=("pad", "crop"), default="pad", help="image aspect handling")
-    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size)")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: world size / --pp)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1; not with --contrast-*)")
     c = p.add_argument_group("self-contrast decoding (MoE models)")
     c.add_argument("--contrast-weak-topk", type=int, default=None, metavar="K",
                    help="experts per token of the weak routing (top/bottom), or the rank of its one expert (rank)")
@@ -81,6 +82,10 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--max-new-tokens must be >= 1")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.pp < 1 or (args.tp is not None and args.tp < 1):
+        p.error("--tp and --pp must be >= 1")
+    if args.pp > 1 and args.contrast_weak_topk is not None:
+        p.error("self-contrast decoding runs with --pp 1 (use --tp to split the model)")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
     if (args.contrast_weak_topk is None) != (args.contrast_alpha is None):
@@ -133,13 +138,13 @@ def run(args) -> int:
     from cumo_megatron.inference.session import InferenceSession, default_tokenizer_path, load_model
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = args.tp or world
-    platform.initialize(platform.ParallelSizes(tp=tp), seed=args.seed)
+    tp = args.tp or max(1, world // args.pp)
+    platform.initialize(platform.ParallelSizes(tp=tp, pp=args.pp), seed=args.seed)
     rank = torch.distributed.get_rank()
     model, cfg = load_model(args.load)
     tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_path(args.load))
     session = InferenceSession(model, cfg, tokenizer, template=args.template, aspect=args.aspect)
-    log.info("loaded %s (tp=%d, template %s)", args.load, tp, session.template)
+    log.info("loaded %s (tp=%d, pp=%d, template %s)", args.load, tp, args.pp, session.template)
     contrast = _contrast_settings(args)
     if contrast is not None:
         try:

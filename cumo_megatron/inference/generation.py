@@ -17,7 +17,10 @@ Prompts of different lengths share a batch left-padded (`left_pad`): an explicit
 row's padding from every other position at prefill and at every decode step; rotary positions
 are relative, so a row's tokens are those it gets alone.
 
-Pipeline parallelism is not supported here (one stage must hold the whole model).
+Pipeline parallelism: every stage runs the same loop. A stage receives the previous stage's hidden
+states (``[s, b, h]``, the sequence split over TP with SP), runs its layers with its own KV cache
+and sends its output on; the last stage picks the token, which is broadcast to every stage.
+Self-contrast decoding runs with one pipeline stage.
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ def _tp_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
+def _pp_size() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
 def _check_model(model) -> None:
-    if not (getattr(model, "pre_process", True) and getattr(model, "post_process", True)):
-        raise ValueError(
-            "generation needs the whole model on one pipeline stage; run it with pipeline parallel size 1"
-        )
+    whole = getattr(model, "pre_process", True) and getattr(model, "post_process", True)
+    if not whole and _pp_size() == 1:
+        raise ValueError("the model is one pipeline stage but no pipeline-parallel group is initialised")
     if model.training:
         raise ValueError("call model.eval() before generating (dropout and MoE statistics depend on it)")
 
@@ -76,6 +84,36 @@ def _broadcast_tp(tokens_b: torch.Tensor) -> torch.Tensor:
     return tokens_b
 
 
+def _broadcast_from_last_stage(tokens_b: torch.Tensor) -> torch.Tensor:
+    """Every pipeline stage continues with the token the last stage chose."""
+    if _pp_size() == 1:
+        return tokens_b
+    torch.distributed.broadcast(
+        tokens_b,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return tokens_b
+
+
+def _run_stage(model, ids_bs: torch.Tensor, images, attention_mask, context) -> Optional[torch.Tensor]:
+    """This stage's forward: the previous stage's hidden states in, this stage's out to the next.
+    Returns the model's output on the last stage, None on the others."""
+    if not model.pre_process:
+        s = ids_bs.shape[1] // (_tp_size() if model.config.sequence_parallel else 1)
+        param = next(model.parameters())
+        hidden_sbh = torch.empty(s, ids_bs.shape[0], model.config.hidden_size,
+                                 dtype=model.config.pipeline_dtype or param.dtype, device=param.device)
+        torch.distributed.recv(hidden_sbh, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden_sbh)
+        images = None
+    out = model(ids_bs, images, attention_mask=attention_mask, inference_context=context)
+    if not model.post_process:
+        torch.distributed.send(out.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+        return None
+    return out
+
+
 def _attention_mask(b: int, s: int, offset: int, left_pad_b: Optional[torch.Tensor], device) -> torch.Tensor:
     """``[b or 1, 1, s, offset + s]``, True where a query may NOT look (megatron's convention).
 
@@ -101,7 +139,8 @@ def forward_last_logits(
     context: Optional[StaticInferenceContext] = None,
     left_pad_b: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Full-vocabulary float logits ``[b, vocab]`` of the last position of ``input_ids_bs``.
+    """Full-vocabulary float logits ``[b, vocab]`` of the last position of ``input_ids_bs`` (None on a
+    pipeline stage other than the last, which passes its hidden states on).
 
     With a ``context``, ``input_ids_bs`` continues the sequence cached there (its first position is
     ``context.sequence_len_offset``) and the context advances by its length. ``left_pad_b`` ``[b]``:
@@ -119,9 +158,11 @@ def forward_last_logits(
     padded_rows = left_pad_b is not None and bool((left_pad_b > 0).any())
     if padded_rows or context is not None and (pad or offset > 0 and s > 1):
         attention_mask = _attention_mask(b, s + pad, offset, left_pad_b if padded_rows else None, ids.device)
-    logits_bsv = model(ids, images, attention_mask=attention_mask, inference_context=context)
+    logits_bsv = _run_stage(model, ids, images, attention_mask, context)
     if context is not None:
         context.sequence_len_offset += s
+    if logits_bsv is None:
+        return None
     last_bv = logits_bsv[:, s - 1]
     if context is None:  # with a context megatron already gathered the vocabulary
         last_bv = _full_vocab(last_bv)
@@ -229,6 +270,8 @@ def generate(
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, length>0], got shape {tuple(input_ids.shape)}")
     if contrast is not None:
+        if _pp_size() > 1:
+            raise ValueError("self-contrast decoding runs with one pipeline stage (use TP to split the model)")
         check_contrast(model, contrast)
     b = input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -248,8 +291,12 @@ def generate(
             with weak_routing(model, contrast):
                 weak_bv = weak(last_b)
             logits_bv = contrast_scores(logits_bv, weak_bv, contrast.alpha, contrast.beta)
-        nxt_b = sample_next(logits_bv.cpu(), temperature, top_p, generator).to(input_ids.device)
-        nxt_b = _broadcast_tp(nxt_b.to(input_ids.dtype).contiguous())
+        if logits_bv is None:  # not the last pipeline stage: the token comes from there
+            nxt_b = input_ids.new_empty(b)
+        else:
+            nxt_b = sample_next(logits_bv.cpu(), temperature, top_p, generator).to(input_ids.device)
+            nxt_b = _broadcast_tp(nxt_b.to(input_ids.dtype).contiguous())
+        nxt_b = _broadcast_from_last_stage(nxt_b)
         if eos_id is not None:
             nxt_b = torch.where(finished_b.to(nxt_b.device), torch.full_like(nxt_b, eos_id), nxt_b)
             finished_b |= (nxt_b == eos_id).cpu()

@@ -31,28 +31,26 @@ def _is_release(directory: Path) -> bool:
 
 
 def load_model(load: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
-    """Build the model for the initialised TP size and load weights from ``load`` (eval mode).
-
-    Parallel state must be initialised (`cumo_megatron.platform.initialize`) with PP = 1.
-    """
+    """Build the model (this rank's pipeline stage) for the initialised TP and PP sizes and load
+    weights from ``load`` (eval mode). Parallel state must be initialised
+    (`cumo_megatron.platform.initialize`)."""
     from cumo_megatron.checkpoint import ours
 
     directory = Path(load)
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-        raise ValueError("generation runs with pipeline parallel size 1 (use TP to split a large model)")
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     if ours.is_model_checkpoint(directory):
         cfg = ours.read_model_config(directory)
-        model = build_model(cfg, ParallelConfig(tp=tp))
+        model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
         ours.load_model_checkpoint(model, directory)
     elif directory.is_dir() and _is_release(directory):
         from cumo_megatron.checkpoint.adapters.cumo_release import model_config_from_release, release_to_megatron
         from cumo_megatron.checkpoint.io import load_into, open_checkpoint
 
-        if tp != 1:
+        if tp != 1 or pp != 1:
             raise CheckpointError(
-                f"{directory} is an original CuMo release; it loads on the fly at TP=1 only. Convert it "
-                "first (tools/upcycle_checkpoint.py) to load it at TP > 1"
+                f"{directory} is an original CuMo release; it loads on the fly at TP=1, PP=1 only. Convert it "
+                "first (tools/upcycle_checkpoint.py) to load it at TP > 1 or PP > 1"
             )
         cfg = model_config_from_release(directory)
         model = build_model(cfg, ParallelConfig())

@@ -116,6 +116,10 @@ def test_cli_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--load", str(release.path), "--batch", "q.json", "--out", "a.jsonl", "--batch-size", "0"])
     assert "--batch-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--load", str(release.path), "--prompt", "Q", "--pp", "2", "--contrast-weak-topk", "1",
+              "--contrast-alpha", "1"])
+    assert "--pp 1" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="neither"):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="--tokenizer"):

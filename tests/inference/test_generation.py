@@ -6,6 +6,7 @@ TP = 2 (with sequence parallelism) gives the TP = 1 tokens, through the library 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,14 @@ def test_left_padded_batch_with_self_contrast(loaded):
         assert torch.equal(batched[row], want), row
 
 
+def test_self_contrast_is_refused_across_pipeline_stages(loaded, monkeypatch):
+    _, model, cfg = loaded["mixtral"]
+    ids, images = prompt_batch(cfg)
+    monkeypatch.setattr(generation, "_pp_size", lambda: 2)
+    with pytest.raises(ValueError, match="one pipeline stage"):
+        generate(model, ids, images, 2, contrast=ContrastSettings(1, 1.0))
+
+
 def test_left_pad_refuses_what_it_cannot_pad(loaded):
     with pytest.raises(ValueError, match="none of them empty"):
         left_pad([[1, 2], []])
@@ -191,8 +200,10 @@ def test_generation_refuses_training_mode(loaded):
         model.eval()
 
 
-def test_tp2_gives_the_tp1_tokens(loaded, greedy, tmp_path):
-    """Both LLM kinds saved as our checkpoints, loaded at TP = 2 (SP on) in one 2-rank launch."""
+def test_tp2_and_pp2_give_the_tp1_tokens(loaded, greedy, tmp_path):
+    """Both LLM kinds saved as our checkpoints, loaded at TP = 2 (SP on) and at PP = 2 (one LLM layer
+    per stage) in one 2-rank launch: greedy (cached and not), seeded sampling, a left-padded batch
+    and the CLI's batch mode give the world-of-one tokens on every rank."""
     cases = {}
     for kind in ("mistral", "mixtral"):
         release, model, cfg = loaded[kind]
@@ -200,10 +211,16 @@ def test_tp2_gives_the_tp1_tokens(loaded, greedy, tmp_path):
         ours.save_model_checkpoint(model, cfg, ckpt)
         (ckpt / "tokenizer.model").write_bytes((release.path / "tokenizer.model").read_bytes())
         ids, images = prompt_batch(cfg)
-        torch.save({"ids": ids, "images": images}, tmp_path / f"batch-{kind}.pt")
-        sampled = generate(model, ids, images, 10, temperature=1.5, top_p=0.95, seed=1)
-        cases[kind] = {"ckpt": str(ckpt), "batch": str(tmp_path / f"batch-{kind}.pt"), "greedy": greedy[kind],
-                       "sampled": sampled}
+        prompts, ragged_images = _ragged_prompts(cfg)
+        ragged_ids, ragged_pad = left_pad(prompts)
+        ragged_images = torch.cat([i for i in ragged_images if i is not None])
+        torch.save({"ids": ids, "images": images, "ragged_ids": ragged_ids, "ragged_pad": ragged_pad,
+                    "ragged_images": ragged_images}, tmp_path / f"batch-{kind}.pt")
+        cases[kind] = {
+            "ckpt": str(ckpt), "batch": str(tmp_path / f"batch-{kind}.pt"), "greedy": greedy[kind],
+            "sampled": generate(model, ids, images, 10, temperature=1.5, top_p=0.95, seed=1),
+            "ragged": generate(model, ragged_ids, ragged_images, NEW, left_pad_b=ragged_pad),
+        }
     images_dir = tmp_path / "imgs"
     paths = save_images(images_dir, 2, size=40)
     questions = images_dir / "q.json"
@@ -211,26 +228,31 @@ def test_tp2_gives_the_tp1_tokens(loaded, greedy, tmp_path):
         {"id": i, "image": p.name, "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]}
         for i, p in enumerate(paths)
     ]))
-    # The CLI's batch mode at TP = 1 in this process, for comparison with the TP = 2 run.
+    # The CLI's batch mode at TP = 1 in this process, for comparison with the 2-rank runs.
     from cumo_megatron.generate import main
 
     cli_tp1 = tmp_path / "answers-tp1.jsonl"
     assert main(["--load", cases["mistral"]["ckpt"], "--batch", str(questions), "--out", str(cli_tp1),
                  "--max-new-tokens", "6", "--temperature", "1.0", "--seed", "3"]) == 0
+    cli_out = {layout: str(tmp_path / f"answers-{layout}.jsonl") for layout in ("tp2", "pp2")}
     results = run_distributed(
-        "tests.inference.workers:generate_tp2",
+        "tests.inference.workers:generate_tp2_and_pp2",
         world_size=2,
         args={"cases": {k: {"ckpt": v["ckpt"], "batch": v["batch"]} for k, v in cases.items()},
-              "new": NEW, "questions": str(questions), "cli_out": str(tmp_path / "answers-tp2.jsonl")},
+              "new": NEW, "questions": str(questions), "cli_out": cli_out},
     )
     for rank, result in enumerate(results):
-        for kind, case in cases.items():
-            assert torch.equal(result[kind]["greedy"], case["greedy"]), (rank, kind)
-            if kind == "mistral":  # the no-cache path gathers vocab-parallel logits itself
-                assert torch.equal(result[kind]["uncached"], case["greedy"]), (rank, kind)
-            assert torch.equal(result[kind]["sampled"], case["sampled"]), (rank, kind)
-            assert result[kind]["sequence_parallel"] is True
+        for layout in ("tp2", "pp2"):
+            for kind, case in cases.items():
+                got = result[layout][kind]
+                for key in ("greedy", "sampled", "ragged"):
+                    assert torch.equal(got[key], case[key]), (rank, layout, kind, key)
+                if kind == "mistral":  # the no-cache path gathers vocab-parallel logits itself
+                    assert torch.equal(got["uncached"], case["greedy"]), (rank, layout, kind)
+        assert all(result["tp2"][kind]["sequence_parallel"] for kind in cases)
+        assert result["pp2"]["mistral"]["stage"] == ((True, False) if rank == 0 else (False, True))
     tp1_rows = [json.loads(line) for line in cli_tp1.read_text().splitlines()]
-    tp2_rows = [json.loads(line) for line in (tmp_path / "answers-tp2.jsonl").read_text().splitlines()]
-    assert len(tp1_rows) == 2 and [r["text"] for r in tp2_rows] == [r["text"] for r in tp1_rows]
-    assert any(r["text"] for r in tp1_rows)
+    assert len(tp1_rows) == 2 and any(r["text"] for r in tp1_rows)
+    for layout, path in cli_out.items():
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        assert [r["text"] for r in rows] == [r["text"] for r in tp1_rows], layout
