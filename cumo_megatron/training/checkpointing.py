@@ -179,13 +179,24 @@ def _trainer_object(data, rank: int) -> ShardedObject:
     return ShardedObject(f"{TRAINER_KEY}.common", data, (1,), (0,), replica_id=rank)
 
 
+def _holds_parameters(optimizer) -> bool:
+    """Whether the optimizer updates any parameter on this rank.
+
+    It may not: in stage 1 (connector only) with PP > 1 the later stages train nothing, and
+    megatron's distributed optimizer cannot build a state dict without parameters (it asserts on
+    the step count of an empty state).
+    """
+    return any(len(group["params"]) for group in optimizer.param_groups)
+
+
 def _optimizer_parts(optimizer, model_sd: dict, is_loading: bool) -> tuple[dict, dict]:
     """The optimizer's sharded state dict split as megatron's own save splits it.
 
     Returns ``(sharded, plain)``: what goes through `dist_checkpointing` (sharded tensors and
     objects; when loading, also the local placeholders megatron fills in), and the plain entries
     megatron would have put in ``common.pt`` (the sharding type; param groups without the
-    distributed optimizer).
+    distributed optimizer). Callers leave out a rank whose optimizer holds no parameter
+    (`_holds_parameters`).
     """
     if is_loading:
         _prime_torch_adam_state(optimizer)
@@ -258,7 +269,7 @@ def save_checkpoint(
     model_sd = model.sharded_state_dict()
     state = dict(model_sd)
     plain = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "optimizer": None}
-    if optimizer is not None:
+    if optimizer is not None and _holds_parameters(optimizer):
         state[OPTIMIZER_KEY], plain["optimizer"] = _optimizer_parts(optimizer, model_sd, is_loading=False)
     state[TRAINER_KEY] = _trainer_object(plain, rank)
     dist_checkpointing.save(state, str(tmp))
@@ -317,13 +328,13 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler, lo
         )
     model_sd = model.sharded_state_dict()
     request = dict(model_sd)
-    if optimizer is not None:
+    if optimizer is not None and _holds_parameters(optimizer):
         request[OPTIMIZER_KEY], _ = _optimizer_parts(optimizer, model_sd, is_loading=True)
     request[TRAINER_KEY] = _trainer_object(None, _rank())
     state = dist_checkpointing.load(request, str(ckpt))
     plain = state[TRAINER_KEY]
     model.load_state_dict({k: v for k, v in state.items() if k in model_sd})
-    if optimizer is not None:
+    if optimizer is not None and _holds_parameters(optimizer):
         # Plain entries first, loaded tensors merged in: the order of megatron's own load.
         optimizer_state = merge(plain["optimizer"], state[OPTIMIZER_KEY])
         # Main params are leaves that require grad: megatron copies into them in place.

@@ -142,7 +142,6 @@ class Trainer:
         # checkpoint; a resumed run finds them in the checkpoint it resumes from.
         self.provenance = self.resume_from or (Path(self.load_report["path"]) if self.load_report else None)
         self.freeze_counts = stages.apply_stage(self.model, train.stage)
-        self.frozen_fingerprint = stages.frozen_fingerprint(self.model) or None
         self.ddp = wrap_ddp(self.model, use_distributed_optimizer=train.distributed_optimizer)
         self.optimizer = build_optimizer(
             [self.ddp],
@@ -165,6 +164,8 @@ class Trainer:
             self.consumed_samples = int(state["consumed_samples"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+        # Taken once the weights are final: a resumed run loads its checkpoint only now.
+        self.frozen_fingerprint = stages.frozen_fingerprint(self.model) or None
         self.reporter = (
             parallel_state.is_pipeline_last_stage(ignore_virtual=True)
             and parallel_state.get_tensor_model_parallel_rank() == 0

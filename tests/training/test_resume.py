@@ -73,7 +73,8 @@ def world_one(dataset, init_weights, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_processes(dataset, init_weights, world_one) -> dict:
-    """EP=2 killed mid-save (torchrun), then one launch: its resume, and the TP=2 and PP=2 runs."""
+    """EP=2 killed mid-save (torchrun), then one launch: its resume, the TP=2 and PP=2 runs, and a
+    stage-1 run at PP=2 trained for 2 steps and resumed to 4."""
     root = world_one["root"]
     ep2 = experiment(dataset, str(root / "ep2"), load=init_weights, **STEPS)
     ep2.parallel.ep = 2
@@ -87,12 +88,55 @@ def two_processes(dataset, init_weights, world_one) -> dict:
          "overrides": [layout, f"train.save={root / name}", "train.save_interval=0"]}
         for name, layout in layouts.items()
     ]
+    # Stage 1 at PP = 2 (the last stage has nothing to train): 2 steps, then resumed to 4.
+    stage1_init = _stage1_init(root / "stage1-init")
+    stage1 = experiment(dataset, str(root / "stage1-pp2"), stage=1, load=str(stage1_init), train_steps=2,
+                        save_interval=2, keep_last=2, global_batch_size=2, lr=1e-2, warmup_fraction=0.0)
+    stage1.parallel.pp = 2
+    stage1_config = write_config(stage1, root / "stage1-pp2.yaml")
+    runs += [{"config": str(stage1_config)}, {"config": str(stage1_config), "overrides": ["train.train_steps=4"]}]
     ranks = run_distributed("tests.training.workers:train_in_process", world_size=2, args={"runs": runs})
+    out["stage1-pp2"] = {"init": stage1_init, "save": root / "stage1-pp2",
+                         "runs": [[rank[i] for rank in ranks] for i in (3, 4)]}
     for i, name in enumerate(["ep2", *layouts]):
         run = out.setdefault(name, {})
         run.update(rows=read_metrics(root / name), final=load_latest(root / name),
                    resumed_from=ranks[0][i]["resumed_from"], shards=[rank[i]["shards"] for rank in ranks])
     return out
+
+
+def _stage1_init(directory):
+    """A world-of-one checkpoint of the tiny dense stage-1 model (weights other than a fresh build's)."""
+    from megatron.core import dist_checkpointing
+
+    from tests.training.workers import tiny_model
+
+    directory.mkdir(parents=True)
+    platform.initialize(platform.ParallelSizes(), seed=5)
+    dist_checkpointing.save(build_model(tiny_model(stage=1), ParallelConfig()).sharded_state_dict(), str(directory))
+    return directory
+
+
+def test_stage1_at_pp2_trains_the_connector_only_and_resumes(two_processes):
+    """With PP = 2 the last stage has no trainable parameter; training, saving and resuming still
+    work, and after 4 steps only the connector differs from the initial weights."""
+    run = two_processes["stage1-pp2"]
+    first, second = run["runs"]
+    assert [r["resumed_from"] for r in first] == [None, None]
+    assert all(r["resumed_from"].name == "iter_0000002" and r["iteration"] == 4 for r in second)
+    rows = read_metrics(run["save"])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0 and r["loss"] == r["loss"] for r in rows)
+    from megatron.core import dist_checkpointing
+
+    from tests.training.workers import tiny_model
+
+    final = _global_tensors(load_latest(run["save"]))
+    init_model = build_model(tiny_model(stage=1), ParallelConfig())
+    init_model.load_state_dict(dist_checkpointing.load(init_model.sharded_state_dict(), str(run["init"])))
+    initial = _assembled(init_model)
+    changed = {key for key, value in final.items() if not torch.equal(value, initial[key])}
+    assert changed and all("connector" in key for key in changed), sorted(changed)
 
 
 def test_uninterrupted_run_learns_and_keeps_last_checkpoints(world_one):
@@ -151,6 +195,11 @@ def _global_tensors(directory) -> dict[str, torch.Tensor]:
     platform.initialize(platform.ParallelSizes(), seed=0)
     model = build_model(ours.read_model_config(directory), ParallelConfig())
     ours.load_model_checkpoint(model, directory)
+    return _assembled(model)
+
+
+def _assembled(model) -> dict[str, torch.Tensor]:
+    """The model's sharded tensors put together as global tensors by checkpoint key."""
     tensors: dict[str, torch.Tensor] = {}
     for key, shape, where, data in model_shards(model):
         if key not in tensors:

@@ -70,6 +70,48 @@ def test_stage1_updates_only_the_connector(dataset, tmp_path):
     assert changed == {name for name in before if name.startswith("connector.")}
 
 
+def test_stage1_resumes_exactly_with_frozen_weights_from_the_checkpoint(dataset, tmp_path):
+    """A stage with frozen parameters resumes: the frozen-weights guard fingerprints the weights the
+    resumed run loaded (not the random ones it was built with), and steps 3-4 after resuming from
+    checkpoint 2 equal those of the run that went straight through."""
+    import shutil
+
+    from cumo_megatron.training.pointers import iteration_dir, write_latest
+    from tests.training.workers import read_metrics
+
+    from megatron.core import dist_checkpointing
+
+    import cumo_megatron.platform as platform
+    from cumo_megatron.config.schema import ParallelConfig
+    from cumo_megatron.models.cumo import build_model
+
+    # Start from weights of their own (as stage 1 starts from converted CLIP + LLM): a resumed run
+    # is built with the seed's random weights and only then loads its checkpoint.
+    init = tmp_path / "init"
+    init.mkdir()
+    platform.initialize(platform.ParallelSizes(), seed=7)
+    dist_checkpointing.save(build_model(tiny_model(stage=1), ParallelConfig()).sharded_state_dict(), str(init))
+    steps = dict(stage=1, train_steps=4, save_interval=2, keep_last=2, lr=1e-2, warmup_fraction=0.0, load=str(init))
+    straight = Trainer(experiment(dataset, str(tmp_path / "straight"), **steps), hooks=TestHooks())
+    straight.train()
+    # The state a run killed after saving checkpoint 2 leaves behind.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight", resumed_dir)
+    shutil.rmtree(iteration_dir(resumed_dir, 4))
+    write_latest(resumed_dir, 2)
+    metrics = resumed_dir / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:2]))
+    resumed = Trainer(experiment(dataset, str(resumed_dir), **steps), hooks=TestHooks())
+    resumed.train()
+    assert resumed.resume_from == iteration_dir(resumed_dir, 2)
+    want, got = read_metrics(tmp_path / "straight"), read_metrics(resumed_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(want, got):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), a["step"]
+    final, again = _params(straight.model), _params(resumed.model)
+    assert all(torch.equal(final[name], again[name]) for name in final)
+
+
 def test_stage3_starts_from_upcycled_stage2_and_trains_experts_apart(dataset, tmp_path):
     stage2 = Trainer(experiment(dataset, str(tmp_path / "s2"), stage=2, train_steps=1, save_interval=0,
                                 warmup_fraction=0.0),
