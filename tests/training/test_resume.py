@@ -6,7 +6,8 @@ Each world size has one run through the real entry point (``python -m cumo_megat
 killed mid-save leaves (``latest`` still names checkpoint 2). The same command's configuration is
 then restarted from there, and steps 3-4 must come out bit-identical: in this process for the
 world of one, and on the 2 ranks of one `run_distributed` launch for EP=2, which goes on to train
-the TP=2 and PP=2 layouts (compared with the world-of-one loss curve). All runs start from the
+the TP=2 and PP=2 layouts (compared with the world-of-one loss curve) and a stage-1 run at PP=2,
+whose last stage has nothing to train, saved and resumed. The stage-3 runs start from the
 shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
 a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
 """
