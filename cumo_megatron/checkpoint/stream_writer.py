@@ -39,25 +39,29 @@ class WritebackFile(io.FileIO):
     writeback at once and lets the kernel drop the pages written back before.
 
     On Linux ``posix_fadvise(DONTNEED)`` does both without waiting: it starts writeback of the
-    range's dirty pages and drops its clean ones. Where there is no ``posix_fadvise`` (macOS) this
-    is a plain unbuffered file.
+    range's dirty pages and drops its clean ones. Where there is no ``posix_fadvise`` (macOS), or
+    the file system refuses the advice, this is a plain unbuffered file.
     """
 
     def __init__(self, path: str | Path, mode: str = "wb"):
         super().__init__(str(path), mode)
         self._kicked = 0  # bytes already handed to writeback
+        self._advise = _HAS_FADVISE
 
     def write(self, data) -> int:
         """Write ``data``; start writeback once a chunk has accumulated."""
         written = super().write(data)
         end = self.tell()
-        if _HAS_FADVISE and end - self._kicked >= WRITEBACK_CHUNK:
-            # The earlier chunks are on disk by now: their clean pages can go. A page still under
-            # writeback stays, and the next call tries it again. (A length of 0 would mean "to
-            # the end of the file".)
-            if self._kicked:
-                os.posix_fadvise(self.fileno(), 0, self._kicked, os.POSIX_FADV_DONTNEED)
-            os.posix_fadvise(self.fileno(), self._kicked, end - self._kicked, os.POSIX_FADV_DONTNEED)
+        if self._advise and end - self._kicked >= WRITEBACK_CHUNK:
+            try:
+                # The earlier chunks are on disk by now: their clean pages can go. A page still
+                # under writeback stays, and the next call tries it again. (A length of 0 would
+                # mean "to the end of the file".)
+                if self._kicked:
+                    os.posix_fadvise(self.fileno(), 0, self._kicked, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self.fileno(), self._kicked, end - self._kicked, os.POSIX_FADV_DONTNEED)
+            except OSError:  # a file system that takes no advice: write on without it
+                self._advise = False
             self._kicked = end
         return written
 

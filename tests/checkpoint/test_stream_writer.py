@@ -44,6 +44,23 @@ def test_writeback_file_writes_every_byte_and_hands_each_chunk_over_once(tmp_pat
     assert calls == [(0, 2500), (0, 2500), (2500, 2800)]
 
 
+@needs_fadvise
+def test_writeback_file_writes_on_where_the_file_system_refuses_advice(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream_writer, "WRITEBACK_CHUNK", 10)
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    with WritebackFile(tmp_path / "f.bin") as handle:
+        for _ in range(5):
+            handle.write(b"x" * 20)
+    assert (tmp_path / "f.bin").read_bytes() == b"x" * 100
+    assert len(calls) == 1  # asked once, then left alone
+
+
 def test_writeback_file_accepts_what_torch_save_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_writer, "WRITEBACK_CHUNK", 4096)
     tensor = torch.randn(3000)
