@@ -6,7 +6,8 @@ Each world size has one run through the real entry point (``python -m cumo_megat
 killed mid-save leaves (``latest`` still names checkpoint 2). The same command's configuration is
 then restarted from there, and steps 3-4 must come out bit-identical: in this process for the
 world of one, and on the 2 ranks of one `run_distributed` launch for EP=2, which goes on to train
-the TP=2 and PP=2 layouts (compared with the world-of-one loss curve) and a stage-1 run at PP=2,
+the TP=2 and PP=2 layouts (compared with the world-of-one loss curve; the PP=2 run is restarted
+from its checkpoint 2 and must repeat steps 3-4 bit for bit) and a stage-1 run at PP=2,
 whose last stage has nothing to train, saved and resumed. The stage-3 runs start from the
 shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
 a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
@@ -86,7 +87,7 @@ def two_processes(dataset, init_weights, world_one) -> dict:
     layouts = {"tp2": "parallel.tp=2", "pp2": "parallel.pp=2"}
     runs = [{"config": str(ep2_config)}] + [
         {"config": str(world_one["config"]),
-         "overrides": [layout, f"train.save={root / name}", "train.save_interval=0"]}
+         "overrides": [layout, f"train.save={root / name}", "train.save_interval=2", "train.keep_last=2"]}
         for name, layout in layouts.items()
     ]
     # Stage 1 at PP = 2 (the last stage has nothing to train): 2 steps, then resumed to 4.
@@ -96,9 +97,14 @@ def two_processes(dataset, init_weights, world_one) -> dict:
     stage1.parallel.pp = 2
     stage1_config = write_config(stage1, root / "stage1-pp2.yaml")
     runs += [{"config": str(stage1_config)}, {"config": str(stage1_config), "overrides": ["train.train_steps=4"]}]
+    # The PP = 2 run restarted from what a kill right after its checkpoint 2 would have left.
+    runs.append({"config": str(world_one["config"]), "restart_from": {"dir": str(root / "pp2"), "iteration": 2},
+                 "overrides": ["parallel.pp=2", f"train.save={root / 'pp2-resumed'}", "train.save_interval=2",
+                               "train.keep_last=2"]})
     ranks = run_distributed("tests.training.workers:train_in_process", world_size=2, args={"runs": runs})
     out["stage1-pp2"] = {"init": stage1_init, "save": root / "stage1-pp2",
                          "runs": [[rank[i] for rank in ranks] for i in (3, 4)]}
+    out["pp2-resumed"] = {"rows": read_metrics(root / "pp2-resumed"), "resumed_from": ranks[0][5]["resumed_from"]}
     for i, name in enumerate(["ep2", *layouts]):
         run = out.setdefault(name, {})
         run.update(rows=read_metrics(root / name), final=load_latest(root / name),
@@ -170,6 +176,12 @@ def test_resume_after_sigkill_is_bit_exact(world_one):
     assert world_one["resumed_from"].name == "iter_0000002"
     # Steps 1-2 from the killed run, 3-4 from the resumed one: all bit-identical.
     _same_rows(world_one["resumed"], world_one["straight"])
+
+
+def test_resume_bit_exact_with_two_processes_pp2(two_processes):
+    resumed = two_processes["pp2-resumed"]
+    assert resumed["resumed_from"].name == "iter_0000002"
+    _same_rows(resumed["rows"], two_processes["pp2"]["rows"])
 
 
 def test_resume_bit_exact_with_two_processes_ep2(two_processes):

@@ -74,10 +74,8 @@ def test_stage1_resumes_exactly_with_frozen_weights_from_the_checkpoint(dataset,
     """A stage with frozen parameters resumes: the frozen-weights guard fingerprints the weights the
     resumed run loaded (not the random ones it was built with), and steps 3-4 after resuming from
     checkpoint 2 equal those of the run that went straight through."""
-    import shutil
-
-    from cumo_megatron.training.pointers import iteration_dir, write_latest
-    from tests.training.workers import read_metrics
+    from cumo_megatron.training.pointers import iteration_dir
+    from tests.training.workers import left_after_save, read_metrics
 
     from megatron.core import dist_checkpointing
 
@@ -94,13 +92,8 @@ def test_stage1_resumes_exactly_with_frozen_weights_from_the_checkpoint(dataset,
     steps = dict(stage=1, train_steps=4, save_interval=2, keep_last=2, lr=1e-2, warmup_fraction=0.0, load=str(init))
     straight = Trainer(experiment(dataset, str(tmp_path / "straight"), **steps), hooks=TestHooks())
     straight.train()
-    # The state a run killed after saving checkpoint 2 leaves behind.
     resumed_dir = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight", resumed_dir)
-    shutil.rmtree(iteration_dir(resumed_dir, 4))
-    write_latest(resumed_dir, 2)
-    metrics = resumed_dir / "metrics.jsonl"
-    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:2]))
+    left_after_save(tmp_path / "straight", resumed_dir, 2)  # as a run killed after checkpoint 2
     resumed = Trainer(experiment(dataset, str(resumed_dir), **steps), hooks=TestHooks())
     resumed.train()
     assert resumed.resume_from == iteration_dir(resumed_dir, 2)

@@ -158,10 +158,14 @@ def train_in_process(runs: list[dict]) -> list[dict]:
     """Train each of ``runs`` (``{"config": FILE, "overrides": [...]}``) in this process, in order.
 
     Every rank of a `run_distributed` launch calls this; each run reads its configuration as the
-    entry point does (`parse_cli`) and resumes from ``<train.save>/latest`` when it exists. Returns
+    entry point does (`parse_cli`) and resumes from ``<train.save>/latest`` when it exists. A run
+    with ``"restart_from": {"dir", "iteration"}`` first gets, as its save directory, what a run
+    killed right after saving that iteration would have left of ``dir`` (`left_after_save`). Returns
     per run the checkpoint it resumed from (or None), the iteration it reached and this rank's
     trained weights (`model_shards`).
     """
+    import torch
+
     from cumo_megatron.config.loader import parse_cli
     from cumo_megatron.config.schema import ExperimentConfig
     from cumo_megatron.training.loop import TestHooks, Trainer
@@ -169,11 +173,32 @@ def train_in_process(runs: list[dict]) -> list[dict]:
     done = []
     for run in runs:
         cfg = parse_cli(ExperimentConfig, ["--config", run["config"], *run.get("overrides", [])])
+        if "restart_from" in run:
+            if torch.distributed.get_rank() == 0:
+                left_after_save(run["restart_from"]["dir"], cfg.train.save, run["restart_from"]["iteration"])
+            torch.distributed.barrier()
         trainer = Trainer(cfg, hooks=TestHooks()).setup()
         trainer.train()
         done.append({"resumed_from": trainer.resume_from, "iteration": trainer.iteration,
                      "shards": model_shards(trainer.model)})
     return done
+
+
+def left_after_save(run_dir: str | Path, dest: str | Path, iteration: int) -> None:
+    """Copy the save directory ``run_dir`` to ``dest`` as a run killed right after saving
+    ``iteration`` would have left it: later checkpoints gone, ``latest`` naming ``iteration``,
+    metrics up to that step."""
+    import shutil
+
+    from cumo_megatron.training.pointers import iteration_dir, list_checkpoints, write_latest
+
+    shutil.copytree(run_dir, dest)
+    for later in [i for i in list_checkpoints(dest) if i > iteration]:
+        shutil.rmtree(iteration_dir(dest, later))
+    write_latest(Path(dest), iteration)
+    metrics = Path(dest) / "metrics.jsonl"
+    rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+    metrics.write_text("".join(line + "\n" for line in rows if json.loads(line)["step"] <= iteration))
 
 
 def model_shards(model) -> list[tuple]:
