@@ -6,8 +6,8 @@ Each world size has one run through the real entry point (``python -m cumo_megat
 killed mid-save leaves (``latest`` still names checkpoint 2). The same command's configuration is
 then restarted from there, and steps 3-4 must come out bit-identical: in this process for the
 world of one, and on the 2 ranks of one `run_distributed` launch for EP=2, which goes on to train
-the TP=2 and PP=2 layouts (compared with the world-of-one loss curve; the PP=2 run is restarted
-from its checkpoint 2 and must repeat steps 3-4 bit for bit) and a stage-1 run at PP=2,
+the TP=2 and PP=2 layouts (compared with the world-of-one loss curve; each is restarted from its
+checkpoint 2 and must repeat steps 3-4 bit for bit) and a stage-1 run at PP=2,
 whose last stage has nothing to train, saved and resumed. The stage-3 runs start from the
 shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
 a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
@@ -97,14 +97,17 @@ def two_processes(dataset, init_weights, world_one) -> dict:
     stage1.parallel.pp = 2
     stage1_config = write_config(stage1, root / "stage1-pp2.yaml")
     runs += [{"config": str(stage1_config)}, {"config": str(stage1_config), "overrides": ["train.train_steps=4"]}]
-    # The PP = 2 run restarted from what a kill right after its checkpoint 2 would have left.
-    runs.append({"config": str(world_one["config"]), "restart_from": {"dir": str(root / "pp2"), "iteration": 2},
-                 "overrides": ["parallel.pp=2", f"train.save={root / 'pp2-resumed'}", "train.save_interval=2",
-                               "train.keep_last=2"]})
+    # The TP = 2 and PP = 2 runs restarted from what a kill right after their checkpoint 2 would have left.
+    for name, layout in layouts.items():
+        runs.append({"config": str(world_one["config"]), "restart_from": {"dir": str(root / name), "iteration": 2},
+                     "overrides": [layout, f"train.save={root / f'{name}-resumed'}", "train.save_interval=2",
+                                   "train.keep_last=2"]})
     ranks = run_distributed("tests.training.workers:train_in_process", world_size=2, args={"runs": runs})
     out["stage1-pp2"] = {"init": stage1_init, "save": root / "stage1-pp2",
                          "runs": [[rank[i] for rank in ranks] for i in (3, 4)]}
-    out["pp2-resumed"] = {"rows": read_metrics(root / "pp2-resumed"), "resumed_from": ranks[0][5]["resumed_from"]}
+    for i, name in enumerate(layouts, start=5):
+        out[f"{name}-resumed"] = {"rows": read_metrics(root / f"{name}-resumed"),
+                                  "resumed_from": ranks[0][i]["resumed_from"]}
     for i, name in enumerate(["ep2", *layouts]):
         run = out.setdefault(name, {})
         run.update(rows=read_metrics(root / name), final=load_latest(root / name),
@@ -178,10 +181,11 @@ def test_resume_after_sigkill_is_bit_exact(world_one):
     _same_rows(world_one["resumed"], world_one["straight"])
 
 
-def test_resume_bit_exact_with_two_processes_pp2(two_processes):
-    resumed = two_processes["pp2-resumed"]
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_resume_bit_exact_with_two_processes_tp2_pp2(two_processes, layout):
+    resumed = two_processes[f"{layout}-resumed"]
     assert resumed["resumed_from"].name == "iter_0000002"
-    _same_rows(resumed["rows"], two_processes["pp2"]["rows"])
+    _same_rows(resumed["rows"], two_processes[layout]["rows"])
 
 
 def test_resume_bit_exact_with_two_processes_ep2(two_processes):
