@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from cumo_megatron.models.params import (
     hand_count,
 )
 from cumo_megatron.platform import ParallelSizes, initialize
+from tests.helpers.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 B = 1e9
 # Published figures (CuMo paper), in parameters.
@@ -147,37 +147,14 @@ def test_clip_moe_size_built_and_checkpoint():
     assert _rel(full.active, CLIP_MOE["active"]) < 0.015
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def test_meta_build_of_8x7b_allocates_nothing():
     cfg = cumo_8x7b_mixtral()
     count_from_config(tiny())  # first build pays one-off import and cache costs
-    peak_measurable = _reset_peak_rss()
-    rss_before, peak_before = _rss_bytes(), _peak_rss_bytes()
+    peak_measurable = reset_peak_rss()
+    rss_before, peak_before = rss_bytes(), peak_rss_bytes()
     counts = count_from_config(cfg)  # raises if any parameter is not on the meta device
-    grown = _rss_bytes() - rss_before
-    peak_grown = _peak_rss_bytes() - peak_before
+    grown = rss_bytes() - rss_before
+    peak_grown = peak_rss_bytes() - peak_before
     # 47.7B parameters would be 95 GB in bf16; building must cost only Python objects (~3 MB here).
     assert counts.total.total > 47e9
     assert grown < 200e6, f"RSS grew by {grown / 1e6:.0f} MB"
