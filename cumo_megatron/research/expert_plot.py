@@ -26,10 +26,9 @@ def plot_expert_heatmap(table: Sequence[LayerLoad], png_path: PathLike, title: O
     """
     if not table:
         raise ValueError(f"nothing to plot into {png_path}: the expert-load table has no MoE layer")
-    import matplotlib
+    from cumo_megatron.research.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     from matplotlib.ticker import PercentFormatter
 
@@ -71,11 +70,7 @@ def plot_expert_heatmap(table: Sequence[LayerLoad], png_path: PathLike, title: O
     axes[0][0].set_ylabel("layer  (MaxVio)")
     fig.suptitle(title or "expert load", fontsize=10)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path, dpi=110)
 
 
 def _short(layer: str) -> str:

@@ -21,10 +21,9 @@ def plot_scaling(report: ScalingReport, png_path) -> Path:
     lines the LLM's joint fit at that encoder's size, and a triangle marks where doubling the
     data starts to gain less than the report's epsilon (when that falls inside the plotted range).
     """
-    import matplotlib
+    from cumo_megatron.research.figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     llms = list(dict.fromkeys(c.llm for c in report.curves))  # the report's order: smallest LLM first
     encoders = sorted({(c.vision_params, c.vision) for c in report.curves})
@@ -64,11 +63,7 @@ def plot_scaling(report: ScalingReport, png_path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path, dpi=100)
 
 
 __all__ = ["plot_scaling"]
