@@ -328,13 +328,14 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model, optimizer, scheduler, lo
         )
     model_sd = model.sharded_state_dict()
     request = dict(model_sd)
-    if optimizer is not None and _holds_parameters(optimizer):
+    with_optimizer = optimizer is not None and _holds_parameters(optimizer)
+    if with_optimizer:
         request[OPTIMIZER_KEY], _ = _optimizer_parts(optimizer, model_sd, is_loading=True)
     request[TRAINER_KEY] = _trainer_object(None, _rank())
     state = dist_checkpointing.load(request, str(ckpt))
     plain = state[TRAINER_KEY]
     model.load_state_dict({k: v for k, v in state.items() if k in model_sd})
-    if optimizer is not None and _holds_parameters(optimizer):
+    if with_optimizer:
         # Plain entries first, loaded tensors merged in: the order of megatron's own load.
         optimizer_state = merge(plain["optimizer"], state[OPTIMIZER_KEY])
         # Main params are leaves that require grad: megatron copies into them in place.
