@@ -17,14 +17,13 @@ def normalize_answer(text: str) -> str:
 
 
 def _load_answers(path: Path) -> dict:
+    from cumo_megatron.jsonl import read_json_lines
+
     answers = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {n}: not JSON ({exc})") from None
-            answers[str(row.get("id", row.get("question_id")))] = row.get("text", "")
+    for line in read_json_lines(path):
+        if line.error is not None:
+            raise ValueError(f"{path} line {line.number}: not JSON ({line.error})")
+        answers[str(line.value.get("id", line.value.get("question_id")))] = line.value.get("text", "")
     return answers
 
 

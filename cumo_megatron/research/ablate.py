@@ -261,15 +261,14 @@ def write_scratch_init(stage2_dir: PathLike, config_path: PathLike, overrides: S
 
 
 def _metrics_rows(path: Path) -> list[dict]:
+    from cumo_megatron.jsonl import read_json_lines
+
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
+    for line in read_json_lines(path):
+        if line.error is not None:
             raise ValueError(
-                f"{path} line {number} is not JSON ({err}); re-run the variant (delete its directory)") from None
+                f"{path} line {line.number} is not JSON ({line.error}); re-run the variant (delete its directory)")
+        rows.append(line.value)
     return rows
 
 

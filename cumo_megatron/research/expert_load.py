@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
+from cumo_megatron.jsonl import read_json_lines
 from cumo_megatron.research.load_metrics import load_entropy, max_violation, shares
 
 PathLike = Union[str, Path]
@@ -267,12 +268,8 @@ def read_metrics_load(path: PathLike, steps: tuple[Optional[int], Optional[int]]
     lo, hi = steps
     out = MetricsLoad()
     seen: dict[int, int] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    for number, _, row, error in read_json_lines(path):
+        if error is not None:
             log.warning("%s line %d is not JSON (cut by a kill?); skipped", path, number)
             out.unreadable_lines.append(number)
             continue

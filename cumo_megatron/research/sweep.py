@@ -798,12 +798,14 @@ def token_counts(metrics_path, tokens_per_image: int) -> tuple[int, int]:
     ``D_img``: images x tokens per image (the image tokens the LLM sees); ``D_txt``: every other
     LLM sequence position processed (text and the micro-batches' right padding, which costs compute).
     """
+    from cumo_megatron.jsonl import read_json_lines
+
     images = tokens = 0
-    for line in Path(metrics_path).read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            images += int(row["images"])
-            tokens += int(row["tokens"])
+    for line in read_json_lines(metrics_path):
+        if line.error is not None:
+            raise ValueError(f"{metrics_path} line {line.number} is not JSON ({line.error})")
+        images += int(line.value["images"])
+        tokens += int(line.value["tokens"])
     d_img = images * tokens_per_image
     return d_img, tokens - d_img
 

@@ -16,6 +16,8 @@ import math
 import sys
 from pathlib import Path
 
+from cumo_megatron.jsonl import read_json_lines
+
 SUMMARY_KEYS = ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "tflops")
 
 
@@ -32,16 +34,9 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep only the rows with ``step <= last_step`` (a resumed run rewrites what came after)."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill: drop it
-            continue
-        if int(row.get("step", 0)) <= last_step:
-            kept.append(line)
+    # A line cut by a kill is dropped.
+    kept = [line.text for line in read_json_lines(path)
+            if line.error is None and int(line.value.get("step", 0)) <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
