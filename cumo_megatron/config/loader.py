@@ -23,7 +23,6 @@ import enum
 import functools
 import os
 import pathlib
-import tempfile
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -642,19 +641,9 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
     The parent directory is created if needed, and the file is replaced
     atomically so a crash never leaves a half-written config next to outputs.
     """
-    text = yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False)
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from cumo_megatron.files import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False, default_flow_style=False))
 
 
 def parse_cli(cls: type[T], argv: Sequence[str]) -> T:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from cumo_megatron.files import write_text_atomic
 from cumo_megatron.research.load_metrics import max_violation
 
 PathLike = Union[str, Path]
@@ -319,9 +320,7 @@ def _mean(values: Optional[list[float]]) -> Optional[float]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _check_settings(out: Path, settings: Settings) -> None:

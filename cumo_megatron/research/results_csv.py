@@ -10,10 +10,13 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
+
+from cumo_megatron.files import write_text_atomic
 
 PathLike = Union[str, Path]
 
@@ -106,14 +109,12 @@ def append_row(path: PathLike, row: SweepRow) -> None:
 
 def write_rows(path: PathLike, rows: list[SweepRow]) -> None:
     """Write ``rows`` as a complete CSV at ``path`` (replacing it atomically)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow(_cells(row))
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(COLUMNS)
+    for row in rows:
+        writer.writerow(_cells(row))
+    write_text_atomic(path, text.getvalue())
 
 
 __all__ = ["SweepRow", "COLUMNS", "compute_flops", "read_rows", "append_row", "write_rows"]

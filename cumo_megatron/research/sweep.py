@@ -75,6 +75,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import yaml
 
+from cumo_megatron.files import write_text_atomic
 from cumo_megatron.research.results_csv import SweepRow, append_row, compute_flops, read_rows
 
 REPO = Path(__file__).resolve().parents[2]
@@ -468,10 +469,7 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj) + "\n")
 
 
 @dataclass(frozen=True)
@@ -893,10 +891,7 @@ def _write_resolved_grid(grid: Grid, out: Path) -> None:
             raise GridError(f"{path} holds a different grid (differs in {differs}) than {grid.source}; "
                             "results would mix: use another --out, or delete that directory to start over")
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".grid.yaml.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(resolved, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
 
 
 def _prepare_starts(grid: Grid, todo: Sequence[Cell], out: Path, data: SweepData, progress: bool) -> dict:

@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from cumo_megatron.files import write_text_atomic
 from cumo_megatron.jsonl import read_json_lines
 
 SUMMARY_KEYS = ("loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "tflops")
@@ -37,9 +38,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
     # A line cut by a kill is dropped.
     kept = [line.text for line in read_json_lines(path)
             if line.error is None and int(line.value.get("step", 0)) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _scalars(row: dict, prefix: str = "") -> dict[str, float]:
