@@ -290,6 +290,14 @@ def pretrain_vision(clip, dataset_dir, steps: int = 150, batch: int = 64, lr: fl
     return sum(hits[-10:]) / len(hits[-10:])
 
 
+def quiet_transformers() -> None:
+    """Keep ``transformers``' info logs and progress bars out of the tools' output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def new_tiny_clip(*, hidden_size: int, ffn_hidden_size: int, num_layers: int, num_heads: int, image_size: int,
                   patch_size: int, seed: int = 0):
     """A seeded random HF ``CLIPVisionModel`` (quick-GELU, OpenAI CLIP's settings) in eval mode."""
@@ -326,10 +334,7 @@ def make_tiny_models(out_dir, vocab_size: int, seed: int = 0, dataset_dir=None) 
     output) the vision tower is first pre-trained on its training images (`pretrain_vision`).
     Returns ``{"clip": path, "llm": path, "clip_pretrain_accuracy": float or None}``.
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     out = Path(out_dir)
     clip_dir, llm_dir = out / "clip", out / "llm"
     t = TINY

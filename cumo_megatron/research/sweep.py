@@ -647,18 +647,13 @@ def build_tiny_llama(out_dir, size: dict, vocab_size: int, seed: int = 0, sequen
     return loss
 
 
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def _model_dir(grid: Grid, spec: ModelSpec, out: Path, data: SweepData) -> str:
     """The HF directory of ``spec``: its path, or the tiny model built (once) under ``OUT/assets``."""
     if spec.path is not None:
         return spec.path
-    _quiet_transformers()
+    from cumo_megatron.quickstart.assets import quiet_transformers
+
+    quiet_transformers()
     target = out / "assets" / spec.role / spec.name
     if spec.role == "vision":
         if data.shapes_dir is None and spec.size["pretrain_steps"] > 0:
