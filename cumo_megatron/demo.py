@@ -72,11 +72,12 @@ def run(cfg: DemoConfig) -> list[dict]:
     import cumo_megatron.platform as platform
     from megatron.core import parallel_state
 
+    from cumo_megatron.models import parallelize
     from cumo_megatron.models.cumo import build_model
     from cumo_megatron.models.params import count_parameters
     from cumo_megatron.moe.stats import collect_moe_stats
-    from cumo_megatron.training.optimizer import build_optimizer
-    from cumo_megatron.training.step import forward_backward, wrap_ddp
+    from cumo_megatron.training.optimizer import build_optimizer, current_loss_scale
+    from cumo_megatron.training.step import forward_backward
 
     par = cfg.parallel
     platform.initialize(platform.ParallelSizes(tp=par.tp, pp=par.pp, ep=par.ep, etp=par.etp), seed=cfg.seed)
@@ -87,7 +88,8 @@ def run(cfg: DemoConfig) -> list[dict]:
         save_config(cfg, out / "config.yaml")
     model = build_model(cfg.model, par)
     counts = count_parameters(model)
-    ddp = wrap_ddp(model, use_distributed_optimizer=True)
+    placement = parallelize.placement_for(cfg.model)
+    ddp = parallelize.wrap_ddp(parallelize.place(model, placement), use_distributed_optimizer=True)
     optimizer = build_optimizer([ddp], lr=cfg.lr, precision=cfg.model.precision)
     dp = parallel_state.get_data_parallel_world_size()
     data = synthetic_microbatches(cfg, cfg.num_microbatches * dp)
@@ -105,10 +107,13 @@ def run(cfg: DemoConfig) -> list[dict]:
         start = time.perf_counter()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        loss = forward_backward(ddp, mine, cfg.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
-        ok, grad_norm, _ = optimizer.step()
+        loss_scale = current_loss_scale(optimizer)
+        loss = forward_backward(ddp, mine, cfg.num_microbatches, cfg.seq_length, cfg.micro_batch_size,
+                                device=placement.device)
+        ok, grad_norm, _ = optimizer.step()  # not ok: an fp16 overflow, the update was skipped
         moe = collect_moe_stats(model, num_microbatches=cfg.num_microbatches)
-        row = {"step": step, "lm_loss": loss, "grad_norm": grad_norm, "step_s": time.perf_counter() - start}
+        row = {"step": step, "lm_loss": loss, "grad_norm": grad_norm, "skipped": not ok,
+               "loss_scale": loss_scale, "step_s": time.perf_counter() - start}
         row.update({f"{name}_balance": v["balance"] for name, v in moe["modules"].items()})
         row.update({f"{name}_z_loss": v["z_loss"] for name, v in moe["modules"].items()})
         row["tokens_per_expert"] = moe["layers"]
@@ -117,7 +122,8 @@ def run(cfg: DemoConfig) -> list[dict]:
             aux = "  ".join(
                 f"{name} bal {v['balance']:.3f} z {v['z_loss']:.3f}" for name, v in moe["modules"].items()
             )
-            print(f"step {step:3d}  lm_loss {loss:.4f}  grad_norm {grad_norm:.3f}  {aux}", file=sys.stderr)
+            norm = "skipped (fp16 overflow)" if grad_norm is None else f"grad_norm {grad_norm:.3f}"
+            print(f"step {step:3d}  lm_loss {loss:.4f}  {norm}  {aux}", file=sys.stderr)
     if reporter:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "metrics.jsonl", "w") as f:

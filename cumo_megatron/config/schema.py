@@ -272,6 +272,14 @@ class TrainConfig:
     keep_last: int = 2
     log_interval: int = 1
     max_bad_steps: int = 3  # consecutive NaN/Inf steps before the run stops
+    # fp16 only (model.precision=fp16): a fixed loss scale, or dynamic scaling (null) that starts at
+    # initial_loss_scale, halves after loss_scale_hysteresis overflowing steps (each skipped and
+    # counted, not a bad step) and doubles after loss_scale_window clean ones.
+    loss_scale: Optional[float] = None
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000
+    loss_scale_hysteresis: int = 2
+    min_loss_scale: float = 1.0
 
     def validate(self) -> None:
         """Positive sizes and a sane schedule."""
@@ -282,6 +290,15 @@ class TrainConfig:
             )
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ConfigError(f"train.loss_scale must be > 0 (or null for dynamic scaling), got {self.loss_scale}")
+        if not 0 < self.min_loss_scale <= self.initial_loss_scale:
+            raise ConfigError(
+                f"train.min_loss_scale={self.min_loss_scale} must be > 0 and <= "
+                f"train.initial_loss_scale={self.initial_loss_scale}"
+            )
+        if self.loss_scale_window < 1 or self.loss_scale_hysteresis < 1:
+            raise ConfigError("train.loss_scale_window and train.loss_scale_hysteresis must be >= 1")
 
 
 @dataclass
@@ -315,7 +332,7 @@ def check_parallel_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
             f"language.num_layers={lang.num_layers} is not divisible by parallel.pp={parallel.pp}"
         )
     # The vision experts are spread over EP only at TP = 1; at TP > 1 they stay local
-    # (`models.transformer_configs.vision_uses_expert_parallel`), whatever parallel.ep is.
+    # (`models.parallelize.vision_uses_expert_parallel`), whatever parallel.ep is.
     vision_moe = model.vision.moe if tp == 1 else None
     for name, moe in (("language", lang.moe), ("vision", vision_moe)):
         if moe is not None and moe.num_experts % parallel.ep:

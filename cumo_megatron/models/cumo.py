@@ -21,6 +21,7 @@ from cumo_megatron.config.loader import ConfigError
 from cumo_megatron.config.schema import ModelConfig, ParallelConfig
 from cumo_megatron.models.connector import build_connector
 from cumo_megatron.models.language import build_language_model
+from cumo_megatron.models.parallelize import broadcast_tp_replicas
 from cumo_megatron.models.vision import CLIPVisionTower
 
 
@@ -134,28 +135,17 @@ class CuMoModel(MegatronModule):
         )
 
 
-def broadcast_tp_replicas(model: CuMoModel) -> None:
-    """Make the TP-replicated vision tower and connector identical on every TP rank.
-
-    On GPU megatron initialises weights under the model-parallel RNG stream, which differs per TP
-    rank; replicated sub-models must start (and therefore stay) identical.
-    """
-    if parallel_state.get_tensor_model_parallel_world_size() == 1 or not model.pre_process:
-        return
-    group = parallel_state.get_tensor_model_parallel_group()
-    src = parallel_state.get_tensor_model_parallel_src_rank()
-    with torch.no_grad():
-        for module in (model.vision, model.connector):
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                torch.distributed.broadcast(tensor.data, src=src, group=group)
-
-
 def build_model(
     model: ModelConfig,
     parallel: ParallelConfig,
     vp_stage: Optional[int] = None,
 ) -> CuMoModel:
-    """The CuMo model for this rank's pipeline stage (parallel state must be initialised)."""
+    """The CuMo model for this rank's pipeline stage (parallel state must be initialised).
+
+    Built where megatron builds (plain ``torch.nn`` parts on the CPU) in ``model.precision``'s
+    parameter dtype, TP replicas made identical; `models.parallelize.place` then puts it on its
+    device and in its training dtype.
+    """
     if parallel_state.get_tensor_model_parallel_world_size() != parallel.tp or (
         parallel_state.get_pipeline_model_parallel_world_size() != parallel.pp
     ):

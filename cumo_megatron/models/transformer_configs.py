@@ -9,6 +9,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cumo_megatron.config.schema import MoEConfig, ModelConfig, ParallelConfig
+from cumo_megatron.models.parallelize import language_expert_parallel_size, vision_expert_parallel_size
 from cumo_megatron.platform import cpu
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,17 +90,6 @@ def _moe_fields(model: ModelConfig, moe: MoEConfig | None, ffn: int) -> dict:
     )
 
 
-def vision_uses_expert_parallel(parallel: ParallelConfig) -> bool:
-    """The vision tower is replicated over TP ranks; its experts use EP only when TP == 1.
-
-    CLIP-L/336 has 577 tokens, which sequence parallelism cannot split evenly, and megatron's MoE
-    layer refuses TP > 1 without SP. Replicating the ViT over TP keeps its tokens whole; at TP > 1
-    the tokens of TP peers are identical, so spreading experts over an EP group that contains TP
-    peers would count tokens twice, and the vision experts stay local (dense-like) instead.
-    """
-    return parallel.tp == 1 and parallel.ep > 1
-
-
 def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """ViT layers: LayerNorm, biased linears, quick_gelu/gelu MLP, no mask; TP = 1 (replicated)."""
     vision = model.vision
@@ -119,7 +109,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> T
         tensor_model_parallel_size=1,
         sequence_parallel=False,
         pipeline_model_parallel_size=1,
-        expert_model_parallel_size=parallel.ep if vision_uses_expert_parallel(parallel) else 1,
+        expert_model_parallel_size=vision_expert_parallel_size(model, parallel),
         expert_tensor_parallel_size=1,
     )
     fields.update(_moe_fields(model, vision.moe, vision.ffn_hidden_size))
@@ -163,7 +153,7 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig) ->
         tensor_model_parallel_size=parallel.tp,
         sequence_parallel=parallel.use_sequence_parallel,
         pipeline_model_parallel_size=parallel.pp,
-        expert_model_parallel_size=parallel.ep if lang.moe is not None else 1,
+        expert_model_parallel_size=language_expert_parallel_size(model, parallel),
         expert_tensor_parallel_size=parallel.etp,
     )
     fields.update(_moe_fields(model, lang.moe, lang.ffn_hidden_size))

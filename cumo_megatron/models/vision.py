@@ -18,16 +18,14 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from cumo_megatron.config.schema import ModelConfig, ParallelConfig
-from cumo_megatron.models.groups import (
+from cumo_megatron.models.parallelize import (
     mark_replicated_over_tp,
     mark_tp_replicas,
     replicated_pg_collection,
-)
-from cumo_megatron.models.specs import layer_spec, norm_module
-from cumo_megatron.models.transformer_configs import (
-    vision_transformer_config,
     vision_uses_expert_parallel,
 )
+from cumo_megatron.models.specs import layer_spec, norm_module
+from cumo_megatron.models.transformer_configs import vision_transformer_config
 from cumo_megatron.moe.router import RouterSettings
 
 
@@ -84,7 +82,7 @@ class CLIPVisionTower(MegatronModule):
             layer_spec(model.spec, causal=False, router=router if i in moe_layers else None)
             for i in range(self.cfg.built_layers)
         ]
-        use_ep = vision_uses_expert_parallel(parallel)
+        use_ep = vision_uses_expert_parallel(model, parallel)
         self.vit = CLIPViT(
             transformer_config=config,
             transformer_layer_spec=TransformerBlockSubmodules(layer_specs=specs),
@@ -106,7 +104,8 @@ class CLIPVisionTower(MegatronModule):
 
     def encode(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """One ViT pass: ``[b, patches(+cls), hidden]`` from the feature layer."""
-        features_bnc = self.vit(images_bchw.to(self.config.params_dtype))
+        # The stem's dtype, not the config's: `parallelize.place` may have cast the tower.
+        features_bnc = self.vit(images_bchw.to(self.vit.conv1.weight.dtype))
         return features_bnc[:, 1:] if self.cfg.drop_cls else features_bnc
 
     def forward(self, images_bchw: torch.Tensor) -> torch.Tensor:

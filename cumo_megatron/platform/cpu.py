@@ -17,6 +17,9 @@ host `activate()` installs the following ways round, each tested in `tests/platf
 5. CLIP's quick_gelu runs eagerly (`quick_gelu_impl`): megatron wraps it in ``torch.compile``, and
    on a CPU inductor spends 5-20 s compiling C++ per process for a one-line activation.
 6. `transformer_config_overrides`: no per-batch synchronize in pipeline p2p, weights made on the CPU.
+7. ``torch.distributed.all_reduce`` with ``ReduceOp.AVG`` (megatron's ``finalize_model_grads``
+   averages the gradients of TP-replicated modules with it) runs as a SUM followed by a division:
+   gloo has no AVG.
 
 On a machine with CUDA none of this is installed and the stock megatron-core + TE path runs.
 """
@@ -197,6 +200,24 @@ def _install_rng() -> None:
     mrandom.initialize_rng_tracker(force_reset=True)
 
 
+def _install_gloo_average() -> None:
+    import torch.distributed as dist
+
+    sum_all_reduce = dist.all_reduce
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if op != dist.ReduceOp.AVG:
+            return sum_all_reduce(tensor, op=op, group=group, async_op=async_op)
+        if async_op:
+            raise NotImplementedError("ReduceOp.AVG with async_op=True has no gloo emulation")
+        result = sum_all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor.div_(dist.get_world_size(group))
+        return result
+
+    all_reduce.__doc__ = sum_all_reduce.__doc__
+    dist.all_reduce = all_reduce
+
+
 def activate() -> bool:
     """Install the CPU adaptations if CUDA is absent. Idempotent; returns whether they are active."""
     global _ACTIVE, _MODE
@@ -205,6 +226,7 @@ def activate() -> bool:
     torch.cuda.current_device = lambda: _CPU
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _install_rng()
+    _install_gloo_average()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()
     _ACTIVE = True

@@ -100,7 +100,8 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.bad_in_a_row = 0
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # non-finite loss or gradient (bad steps)
+        self.overflow_steps = 0  # fp16 loss-scale overflows (skipped by the scaler)
         self._built = False
 
     # ------------------------------------------------------------------ setup
@@ -109,10 +110,10 @@ class Trainer:
         import cumo_megatron.platform as platform
         from megatron.core import parallel_state
 
+        from cumo_megatron.models import parallelize
         from cumo_megatron.models.cumo import build_model
         from cumo_megatron.models.params import hand_count
-        from cumo_megatron.training.optimizer import build_optimizer
-        from cumo_megatron.training.step import wrap_ddp
+        from cumo_megatron.training.optimizer import LossScaling, build_optimizer
 
         cfg, train, par = self.cfg, self.cfg.train, self.cfg.parallel
         stages.check_stage_config(train.stage, cfg.model)
@@ -142,7 +143,12 @@ class Trainer:
         # checkpoint; a resumed run finds them in the checkpoint it resumes from.
         self.provenance = self.resume_from or (Path(self.load_report["path"]) if self.load_report else None)
         self.freeze_counts = stages.apply_stage(self.model, train.stage)
-        self.ddp = wrap_ddp(self.model, use_distributed_optimizer=train.distributed_optimizer)
+        # Device, training dtype and TP-replica rules: `models.parallelize` decides them all.
+        self.placement = parallelize.placement_for(cfg.model)
+        self.ddp = parallelize.wrap_ddp(
+            parallelize.place(self.model, self.placement),
+            use_distributed_optimizer=train.distributed_optimizer,
+        )
         self.optimizer = build_optimizer(
             [self.ddp],
             lr=train.lr,
@@ -152,6 +158,10 @@ class Trainer:
             precision=cfg.model.precision,
             betas=(train.adam_beta1, train.adam_beta2),
             min_lr=train.min_lr,
+            loss_scaling=LossScaling(
+                loss_scale=train.loss_scale, initial=train.initial_loss_scale, window=train.loss_scale_window,
+                hysteresis=train.loss_scale_hysteresis, minimum=train.min_loss_scale,
+            ),
         )
         self.loader = self._build_loader()
         self.total_steps = self._total_steps()
@@ -164,6 +174,7 @@ class Trainer:
             self.consumed_samples = int(state["consumed_samples"])
             self.skipped_steps = int(state.get("skipped_steps", 0))
             self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
+            self.overflow_steps = int(state.get("overflow_steps", 0))
         # Taken once the weights are final: a resumed run loads its checkpoint only now.
         self.frozen_fingerprint = stages.frozen_fingerprint(self.model) or None
         self.reporter = (
@@ -267,42 +278,52 @@ class Trainer:
             return
 
     def train_step(self, microbatches: list[dict]) -> dict:
-        """One optimizer step over ``microbatches``; returns this rank's raw step results."""
+        """One optimizer step over ``microbatches``; returns this rank's raw step results.
+
+        A non-finite loss, aux loss or gradient skips the update as a *bad* step (``max_bad_steps``
+        in a row stop the run). Under fp16 an overflowing gradient is the dynamic loss scaler's
+        business: megatron's optimizer skips that update and lowers the scale; it is counted as an
+        *overflow* step (normal while the scale settles), not as a bad one.
+        """
         from cumo_megatron.moe.stats import collect_moe_stats
+        from cumo_megatron.training.optimizer import current_loss_scale
         from cumo_megatron.training.step import forward_backward
 
         train = self.cfg.train
+        fp16 = self.cfg.model.precision == "fp16"
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        loss_scale = current_loss_scale(self.optimizer)
         seq_length = self.fixed_length or max(mb["input_ids"].shape[1] for mb in microbatches)
         lm_loss = forward_backward(
-            self.ddp, microbatches, self.num_microbatches, seq_length, train.micro_batch_size
+            self.ddp, microbatches, self.num_microbatches, seq_length, train.micro_batch_size,
+            device=self.placement.device,
         )
         moe = collect_moe_stats(self.model, self.num_microbatches)
         if self.iteration + 1 in self.hooks.nan_steps:
             self._poison_grads()
         local_bad = (lm_loss is not None and not math.isfinite(lm_loss)) or any(
             not math.isfinite(v) for module in moe["modules"].values() for v in module.values()
-        ) or not self._grads_finite()
+        ) or (not fp16 and not self._grads_finite())
         flag = torch.tensor([1.0 if local_bad else 0.0], device=_comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         grad_norm, lr = float("nan"), self.optimizer.param_groups[0]["lr"]
+        overflow = False
         if flag.item() == 0.0:
             ok, grad_norm, _ = self.optimizer.step()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             if ok:
                 self.scheduler.step(increment=1)
                 self.bad_in_a_row = 0
-                skipped = False
-            else:  # fp16 loss scaler found inf/nan and already skipped the update
-                skipped = True
+            else:  # fp16: the loss scaler found inf/nan, skipped the update and lowered the scale
+                overflow = True
+                self.overflow_steps += 1
         else:
             self.ddp.zero_grad_buffer()
-            skipped = True
-        if skipped:
             self.bad_in_a_row += 1
             self.skipped_steps += 1
-        return {"lm_loss": lm_loss, "moe": moe, "grad_norm": grad_norm, "lr": lr, "skipped": skipped}
+        return {"lm_loss": lm_loss, "moe": moe, "grad_norm": grad_norm, "lr": lr,
+                "skipped": bool(flag.item()) or overflow, "overflow": overflow, "loss_scale": loss_scale}
 
     def _reduce_report(self, result: dict, tokens: int, images: int) -> dict:
         """Combine per-rank results into the reporting rank's row (collective on every rank)."""
@@ -390,6 +411,9 @@ class Trainer:
                     "skipped": result["skipped"],
                     "bad_steps": self.bad_in_a_row,
                     "skipped_total": self.skipped_steps,
+                    "overflow": result["overflow"],
+                    "overflow_total": self.overflow_steps,
+                    "loss_scale": result["loss_scale"],
                     "consumed_samples": self.consumed_samples,
                     "step_time_s": elapsed,
                     "tokens_per_s": row["tokens"] / elapsed,
@@ -447,6 +471,7 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "skipped_steps": self.skipped_steps,
                 "bad_in_a_row": self.bad_in_a_row,
+                "overflow_steps": self.overflow_steps,
                 "stage": self.cfg.train.stage,
             },
             model_cfg=self.cfg.model,

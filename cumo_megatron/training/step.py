@@ -17,28 +17,11 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.utils import get_model_config
 
-from cumo_megatron.models.cumo import CuMoModel
-
-
-def wrap_ddp(
-    model: CuMoModel,
-    use_distributed_optimizer: bool = False,
-    grad_reduce_in_fp32: bool = True,
-    overlap_grad_reduce: bool = False,
-) -> DistributedDataParallel:
-    """megatron DDP around the model, and wire `finalize_model_grads` into its config."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=grad_reduce_in_fp32,
-        overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=use_distributed_optimizer,
-    )
-    wrapped = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    return wrapped
+from cumo_megatron.models.parallelize import aux_loss_scale, move_batch, training_device
 
 
 def masked_token_mean_loss(loss_mask_bs: torch.Tensor, output_tensor: torch.Tensor):
@@ -54,15 +37,18 @@ def masked_token_mean_loss(loss_mask_bs: torch.Tensor, output_tensor: torch.Tens
     return loss_sum, num_tokens, {"lm_loss": report}
 
 
-def make_forward_step(num_microbatches: int) -> Callable:
-    """A megatron ``forward_step_func`` for `CuMoModel` batches."""
+def make_forward_step(num_microbatches: int, device: torch.device) -> Callable:
+    """A megatron ``forward_step_func`` for `CuMoModel` batches, moved to ``device``."""
 
     def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-        batch = next(data_iterator)
-        # Scale the aux-loss gradients as the LM loss's: mean over micro-batches.
+        batch = move_batch(next(data_iterator), device)
+        # Scale the aux-loss gradients as the LM loss's (mean over micro-batches, times the fp16
+        # loss scale), on the loss's device.
         # Assigned, not `set_loss_scale`d: that copies into an existing scale, which megatron
         # creates 0-dim if a backward ran before any scale was set, and a [1] scale then fails.
-        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1) / num_microbatches
+        MoEAuxLossAutoScaler.main_loss_backward_scale = aux_loss_scale(
+            device, num_microbatches, get_model_config(model).grad_scale_func
+        )
         output = model(
             input_ids=batch["input_ids"], images=batch.get("images"), labels=batch["labels"],
             padding_mask=batch.get("padding_mask"),  # keeps padding out of the LLM routers' aux losses
@@ -79,16 +65,19 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    device: torch.device | None = None,
 ) -> float | None:
     """Run forward (and backward) over ``num_microbatches`` micro-batches with megatron's schedule.
 
-    Returns the LM loss (token mean per micro-batch, averaged) on the last pipeline stage,
+    Batches are moved to ``device`` (default: `parallelize.training_device`) one micro-batch at a
+    time. Returns the LM loss (token mean per micro-batch, averaged) on the last pipeline stage,
     None elsewhere. Gradients are left in the DDP buffers (``param.main_grad``), already reduced.
     """
+    device = device if device is not None else training_device()
     chunks = model if isinstance(model, list) else [model]
     forward_backward_func = get_forward_backward_func()
     reports = forward_backward_func(
-        forward_step_func=make_forward_step(num_microbatches),
+        forward_step_func=make_forward_step(num_microbatches, device),
         data_iterator=iter(microbatches),
         model=chunks,
         num_microbatches=num_microbatches,

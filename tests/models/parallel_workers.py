@@ -16,7 +16,8 @@ from cumo_megatron.config.presets import tiny
 from cumo_megatron.config.schema import ParallelConfig
 from cumo_megatron.models.cumo import build_model
 from cumo_megatron.moe.stats import collect_moe_stats
-from cumo_megatron.training.step import forward_backward, wrap_ddp
+from cumo_megatron.models.parallelize import wrap_ddp
+from cumo_megatron.training.step import forward_backward
 
 
 def equivalence_model_config():

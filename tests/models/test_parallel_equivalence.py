@@ -18,7 +18,8 @@ import cumo_megatron.platform as platform
 from cumo_megatron.config.schema import ParallelConfig
 from cumo_megatron.models.cumo import build_model
 from cumo_megatron.moe.stats import collect_moe_stats
-from cumo_megatron.training.step import forward_backward, wrap_ddp
+from cumo_megatron.models.parallelize import wrap_ddp
+from cumo_megatron.training.step import forward_backward
 from tests.helpers import shared_launch
 from tests.models.parallel_workers import equivalence_model_config
 

@@ -12,7 +12,8 @@ from cumo_megatron.config.schema import MoEConfig, ParallelConfig
 from cumo_megatron.models import transformer_configs as tc
 from cumo_megatron.models.cumo import build_model
 from cumo_megatron.models.specs import layer_spec
-from cumo_megatron.training.step import forward_backward, wrap_ddp
+from cumo_megatron.models.parallelize import wrap_ddp
+from cumo_megatron.training.step import forward_backward
 
 
 def test_language_config_passes_layout_and_switches():

@@ -1,0 +1,281 @@
+"""How a CuMo model is laid out on its ranks: the one place that decides it.
+
+torchtitan keeps model code single-device and applies parallelism in one ``parallelize.py``;
+megatron-core builds tensor-parallel layers at construction time, so the decisions here are asked
+for twice: while the model is built (process groups of the TP-replicated towers, which experts are
+expert-parallel) and once it is built (`place`, `wrap_ddp`). Everything about *where a tensor
+lives, in which dtype and on which ranks* is answered here:
+
+- **Device** (`training_device`): the current CUDA device when CUDA is present (megatron-LM's
+  ``get_model`` moves every chunk there; megatron-core's DDP moves nothing), else the CPU.
+  Parameters made with plain ``torch.nn`` (norms, routers, connector, the ViT stem) are born on
+  the CPU and are moved by `place`; batches by `move_batch`; the aux-loss gradient scale is made
+  on the batch's device (`aux_loss_scale`).
+- **Dtype**: with ``model.precision`` bf16/fp16 the model chunk is wrapped in megatron's
+  ``Float16Module`` (casts every parameter, the first stage's inputs, the last stage's outputs
+  back to fp32), exactly as megatron-LM does; megatron's optimizer keeps fp32 main parameters.
+  Inference casts the model itself (`place_for_inference`).
+- **TP-replicated towers**: the vision tower and the connector run whole on every TP rank
+  (CLIP-L/336 has 577 tokens, which sequence parallelism cannot split evenly, and megatron's MoE
+  refuses TP > 1 without SP). They are built with single-rank TP groups
+  (`replicated_pg_collection`), broadcast from TP rank 0 after the build
+  (`broadcast_tp_replicas`), their gradients averaged across TP by megatron's
+  ``finalize_model_grads`` (``average_gradients_across_tp_domain``), and checkpointed once
+  (`mark_tp_replicas`).
+- **Expert parallelism**: the LLM's experts (Mixtral) follow ``parallel.ep``; the vision experts
+  use EP only at TP = 1 and only when the tower has experts (`vision_uses_expert_parallel`); the
+  connector's experts are always local.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from cumo_megatron.config.schema import ModelConfig, ParallelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def training_device() -> torch.device:
+    """Where this rank's model and batches live: the current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank's model chunk lives and in which dtype it computes."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def half(self) -> bool:
+        """Whether the model computes in bf16/fp16 (wrapped in megatron's ``Float16Module``)."""
+        return self.dtype in (torch.bfloat16, torch.float16)
+
+
+def placement_for(model: ModelConfig, device: Optional[torch.device] = None) -> Placement:
+    """The placement a run of ``model`` uses (``device`` overrides `training_device`)."""
+    return Placement(device=torch.device(device) if device is not None else training_device(),
+                     dtype=DTYPES[model.precision])
+
+
+def place(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """Move ``model`` to the placement's device and put it in its training dtype.
+
+    Returns the module to hand to DDP and to megatron's schedules: ``model`` itself in fp32, else
+    a ``Float16Module`` around it (it converts the parameters in place, so ``model`` stays the
+    object whose state dicts are checkpointed). Call after `broadcast_tp_replicas` and before
+    `wrap_ddp`, as megatron-LM's ``get_model`` does.
+    """
+    from megatron.core.transformer.module import Float16Module
+
+    model.to(placement.device)
+    mark_tp_replicated_gradients(model)
+    if not placement.half:
+        return model
+    config = model.config
+    if config.params_dtype != placement.dtype:
+        raise ValueError(
+            f"the model was built for {config.params_dtype} but is placed in {placement.dtype}: build it from "
+            "the same model.precision"
+        )
+    return Float16Module(config, model)
+
+
+def place_for_inference(model: torch.nn.Module, placement: Placement) -> torch.nn.Module:
+    """Move ``model`` to the device and cast all of it to the placement's dtype (no wrapper:
+    generation feeds the model itself and reads logits as they come)."""
+    return model.to(device=placement.device, dtype=placement.dtype)
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor on ``device`` (non-blocking from pinned memory); other values kept."""
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def aux_loss_scale(device: torch.device, num_microbatches: int, grad_scale_func=None) -> torch.Tensor:
+    """The backward scale of every MoE aux loss in one micro-batch, on the loss's device.
+
+    The LM loss of a micro-batch is divided by the number of micro-batches and, under fp16,
+    multiplied by the loss scale (megatron's ``grad_scale_func``); the aux losses must be scaled
+    the same way, and `MoEAuxLossAutoScaler` multiplies their gradients with this tensor.
+    """
+    one = torch.ones(1, device=device)
+    scale = grad_scale_func(one) if grad_scale_func is not None else one
+    return scale / num_microbatches
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+
+def vision_uses_expert_parallel(model: ModelConfig, parallel: ParallelConfig) -> bool:
+    """Whether the vision tower's experts are spread over the EP group.
+
+    Only at TP = 1, and only when the tower has experts. At TP > 1 the vision tower is replicated
+    over the TP ranks (see the module docstring): the tokens of TP peers are identical, so
+    spreading experts over an EP group that contains TP peers would count tokens twice, and the
+    vision experts stay local (reduced over DP like dense weights) instead.
+    """
+    return model.vision.moe is not None and parallel.tp == 1 and parallel.ep > 1
+
+
+def vision_expert_parallel_size(model: ModelConfig, parallel: ParallelConfig) -> int:
+    """EP size of the vision tower's MoE layers (1 when its experts stay local)."""
+    return parallel.ep if vision_uses_expert_parallel(model, parallel) else 1
+
+
+def language_expert_parallel_size(model: ModelConfig, parallel: ParallelConfig) -> int:
+    """EP size of the LLM's MoE layers (1 for a dense LLM)."""
+    return parallel.ep if model.language.moe is not None else 1
+
+
+# --------------------------------------------------------------------------- TP-replicated towers
+
+_SINGLE_RANK_GROUP = {}
+
+
+def single_rank_group() -> dist.ProcessGroup:
+    """This rank alone as a process group (collective to create: every rank calls it)."""
+    key = (dist.get_world_size(), id(parallel_state.get_tensor_model_parallel_group(check_initialized=False)))
+    if key not in _SINGLE_RANK_GROUP:
+        group, _ = dist.new_subgroups(group_size=1)
+        _SINGLE_RANK_GROUP[key] = group
+    return _SINGLE_RANK_GROUP[key]
+
+
+def replicated_pg_collection(use_expert_parallel: bool) -> ProcessGroupCollection:
+    """Process groups of a TP-replicated tower: megatron's global groups, with TP (and, unless
+    ``use_expert_parallel``, EP) reduced to this rank."""
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 and (
+        use_expert_parallel or parallel_state.get_expert_model_parallel_world_size() == 1
+    ):
+        return pgs
+    solo = single_rank_group()
+    values = {f.name: getattr(pgs, f.name) for f in dataclasses.fields(pgs) if hasattr(pgs, f.name)}
+    values.update(tp=solo, tp_cp=solo, expt_tp=solo)
+    if not use_expert_parallel:
+        values.update(ep=solo, tp_ep=solo)
+    return ProcessGroupCollection(**values)
+
+
+def mark_replicated_over_tp(module: torch.nn.Module, experts_are_dense: bool) -> None:
+    """Fix parameter attributes of a sub-model replicated over TP ranks (call before DDP).
+
+    - ``tensor_model_parallel=False``: the copy on every TP rank is whole, so the gradient norm
+      must count it once (megatron counts non-TP parameters on TP rank 0 only).
+    - ``allreduce=True`` on experts that are not spread by EP: their gradients are reduced over the
+      data-parallel group like any dense weight, not over megatron's expert-data-parallel group,
+      which is sized for the LLM's experts.
+    """
+    for param in module.parameters():
+        param.tensor_model_parallel = False
+        param.partition_dim = -1
+        if experts_are_dense and not getattr(param, "allreduce", True):
+            param.allreduce = True
+
+
+def tp_replicated_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The sub-models of ``model`` (a `CuMoModel` stage) that every TP rank holds whole."""
+    return [m for m in (getattr(model, "vision", None), getattr(model, "connector", None)) if m is not None]
+
+
+def mark_tp_replicated_gradients(model: torch.nn.Module) -> None:
+    """Ask megatron's ``finalize_model_grads`` to average the replicas' gradients across TP.
+
+    In exact arithmetic every TP rank computes the same gradient for a replicated tower (same
+    images, the full gradient of the spliced embeddings after SP's gather); non-deterministic GPU
+    kernels make them differ in the last bits, and replicas that drift apart are then
+    checkpointed from TP rank 0 only. Averaging keeps them identical.
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    for module in tp_replicated_modules(model):
+        for param in module.parameters():
+            param.average_gradients_across_tp_domain = True
+
+
+def broadcast_tp_replicas(model: torch.nn.Module) -> None:
+    """Make the TP-replicated towers identical on every TP rank (from TP rank 0).
+
+    megatron initialises weights under the model-parallel RNG stream, which differs per TP rank;
+    replicated sub-models must start (and, with `mark_tp_replicated_gradients`, stay) identical.
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+    src = parallel_state.get_tensor_model_parallel_src_rank()
+    with torch.no_grad():
+        for module in tp_replicated_modules(model):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, src=src, group=group)
+
+
+def mark_tp_replicas(sharded_state_dict: dict) -> dict:
+    """Give each TP rank's copy of a TP-replicated sub-model a distinct checkpoint replica id.
+
+    Built with single-rank TP groups, every TP rank would claim to hold the main replica
+    (``replica_id[1] == 0``) and megatron's checkpoint validation rejects the duplicate writers.
+    The second replica-id component is the TP rank by megatron's convention.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return sharded_state_dict
+
+    def _mark(item):
+        if isinstance(item, ShardedBase) and isinstance(item.replica_id, tuple):
+            item.replica_id = (item.replica_id[0], tp_rank, *item.replica_id[2:])
+        return item
+
+    dict_list_map_inplace(_mark, sharded_state_dict)
+    return sharded_state_dict
+
+
+# --------------------------------------------------------------------------- data parallelism
+
+
+def wrap_ddp(
+    chunk: torch.nn.Module,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
+    grad_reduce_in_fp32: bool = True,
+):
+    """megatron DDP around a placed chunk, with `finalize_model_grads` wired into its config.
+
+    Gradients are reduced in fp32 whatever the compute dtype (megatron-LM's default for bf16).
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather and use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk)
+    chunk.config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
