@@ -7,12 +7,12 @@ setup(
     version="0.1.0",
     description="CuMo-style sparse MoE multimodal LLM training on megatron-core",
     packages=find_packages(include=["cumo_megatron", "cumo_megatron.*"]),
-    python_requires=">=3.11,<3.12",
+    # Ranges, not pins: GPU users install into images with their own torch build (NGC: Python 3.12,
+    # torch 2.11 + CUDA). CI pins exact versions through constraints.txt.
+    python_requires=">=3.10",
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "megatron-core==0.16.1",
-        "open_clip_torch",
+        "torch>=2.6",  # megatron-core 0.16's own floor
+        "megatron-core>=0.16.1,<0.17",  # the API this code is written and tested against
         "transformers",
         "safetensors",
         "sentencepiece",
@@ -27,7 +27,9 @@ setup(
         "tensorboard",  # training metrics beside metrics.jsonl
     ],
     extras_require={
-        "test": ["pytest"],
+        # The tests build tiny OpenCLIP towers to convert; the package never imports open_clip, and
+        # leaving it (and the torchvision it pulls in) out keeps a GPU image's torch untouched.
+        "test": ["pytest", "open_clip_torch", "torchvision"],
         # GPU-only: fused kernels and FP8. Never required on CPU.
         "gpu": ["transformer-engine[pytorch]"],
     },
