@@ -1,0 +1,121 @@
+"""`models.parallelize`: device, training dtype, TP replicas, expert parallelism, batches.
+
+Unit checks run in this process (world of one); the TP-replica drift check and gloo's averaged
+all-reduce run on the shared 2-rank launch (`tests.models.parallelize_workers`).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.module import Float16Module
+
+import cumo_megatron.platform as platform
+from cumo_megatron.config.presets import tiny
+from cumo_megatron.config.schema import ParallelConfig
+from cumo_megatron.models import parallelize
+from cumo_megatron.models.cumo import build_model
+from tests.helpers import shared_launch
+
+PART = "models.parallelize"
+shared_launch.register(PART, lambda tmp: ("tests.models.parallelize_workers:check_parallelize", {}, None))
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Per-rank results of `check_parallelize`."""
+    return shared_launch.results(PART, tmp_path_factory)[1]
+
+
+def test_tp_replicas_stay_equal_when_their_gradients_differ(ranks):
+    """At TP=2 the replica gradients are made to differ on the two ranks before reduction; with
+    megatron's TP averaging (the marks `place` sets) the towers stay bit-identical after 2 steps,
+    and without it (the control) they drift apart."""
+    for r in ranks:
+        averaged, control = r["drift_averaged"], r["drift_not_averaged"]
+        assert averaged["start_spread"] == 0.0  # broadcast at build
+        assert averaged["marked"] == averaged["replicated_params"] > 0
+        assert averaged["end_spread"] == 0.0
+        assert control["marked"] == averaged["marked"]
+        assert control["end_spread"] > 1e-4
+
+
+def test_gloo_average_all_reduce(ranks):
+    """gloo has no ReduceOp.AVG; the platform runs it as a sum and a division: mean of 1x and 2x."""
+    for r in ranks:
+        assert r["avg"]["avg"] == [1.5, 4.5]
+
+
+@pytest.fixture()
+def world_of_one():
+    platform.initialize(platform.ParallelSizes(), seed=3)
+
+
+def test_placement_follows_precision():
+    cfg = tiny(moe=True)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        cfg.precision = precision
+        placement = parallelize.placement_for(cfg)
+        assert placement.dtype == dtype and placement.half == (precision != "fp32")
+        assert placement.device == torch.device("cpu")  # no CUDA here
+    assert parallelize.placement_for(cfg, device="meta").device == torch.device("meta")
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_place_wraps_half_precision_models(world_of_one, precision, dtype):
+    """bf16/fp16: every parameter and floating buffer in the training dtype (the ViT stem, norms,
+    routers and connector too, which plain torch.nn creates in fp32), in a `Float16Module` whose
+    inner module is the model itself (checkpoints keep their keys)."""
+    cfg = tiny(moe=True)
+    cfg.precision = precision
+    model = build_model(cfg, ParallelConfig())
+    fp32_before = [n for n, p in model.named_parameters() if p.dtype == torch.float32]
+    assert fp32_before  # the plain torch.nn parts: what megatron-LM's Float16Module exists for
+    chunk = parallelize.place(model, parallelize.placement_for(cfg))
+    assert isinstance(chunk, Float16Module) and chunk.module is model
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} <= {dtype}
+    assert set(chunk.sharded_state_dict()) == set(model.sharded_state_dict())
+
+
+def test_place_keeps_fp32_models_unwrapped(world_of_one):
+    cfg = tiny(moe=True)
+    model = build_model(cfg, ParallelConfig())
+    assert parallelize.place(model, parallelize.placement_for(cfg)) is model
+
+
+def test_place_refuses_a_model_built_for_another_dtype(world_of_one):
+    cfg = tiny(moe=True)
+    model = build_model(cfg, ParallelConfig())
+    cfg.precision = "bf16"
+    with pytest.raises(ValueError, match="built for torch.float32"):
+        parallelize.place(model, parallelize.placement_for(cfg))
+
+
+def test_vision_expert_parallel_rules():
+    """Vision experts use EP only at TP = 1 and only when the tower has experts (a dense tower at
+    EP = 2, as when a dense stage-2 checkpoint is upcycled, must not ask megatron for EP)."""
+    moe, dense = tiny(moe=True, llm_moe=True), tiny(moe=False, llm_moe=True)
+    assert parallelize.vision_uses_expert_parallel(moe, ParallelConfig(ep=2))
+    assert not parallelize.vision_uses_expert_parallel(moe, ParallelConfig(tp=2, ep=2))
+    assert not parallelize.vision_uses_expert_parallel(moe, ParallelConfig())
+    assert not parallelize.vision_uses_expert_parallel(dense, ParallelConfig(ep=2))
+    assert parallelize.vision_expert_parallel_size(dense, ParallelConfig(ep=2)) == 1
+    assert parallelize.language_expert_parallel_size(dense, ParallelConfig(ep=2)) == 2
+    assert parallelize.language_expert_parallel_size(tiny(moe=True), ParallelConfig(ep=2)) == 1
+
+
+def test_aux_loss_scale_follows_device_and_loss_scale():
+    """Made on the loss's device, divided by the micro-batches, times fp16's loss scale."""
+    scale = parallelize.aux_loss_scale(torch.device("meta"), 4)
+    assert scale.device == torch.device("meta") and scale.shape == (1,)
+    assert parallelize.aux_loss_scale(torch.device("cpu"), 4).item() == 0.25
+    fp16 = parallelize.aux_loss_scale(torch.device("cpu"), 4, grad_scale_func=lambda x: x * 1024.0)
+    assert fp16.item() == 256.0
+
+
+def test_move_batch_moves_every_tensor():
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "images": None, "labels": torch.zeros(2, 3)}
+    moved = parallelize.move_batch(batch, torch.device("meta"))
+    assert moved["input_ids"].device == torch.device("meta") and moved["labels"].is_meta
+    assert moved["input_ids"].dtype == torch.long and moved["images"] is None
