@@ -35,6 +35,9 @@ def build_language_model(
             balance_coeff=lang.moe.balance_coeff,
             z_loss_coeff=lang.moe.z_loss_coeff,
             call_share=1.0 / lang.num_layers,
+            # The original's Mixtral block (smoe_mixtral_helper.py) routes the flattened
+            # micro-batch: one balance loss over all its tokens, not one per sample.
+            group="micro_batch",
         )
     spec = layer_spec(model.spec, causal=True, router=router)
     block = TransformerBlockSubmodules(

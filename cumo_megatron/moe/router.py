@@ -24,6 +24,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from cumo_megatron.moe import routing
 
 
+# How a router groups tokens for its balance loss: per-sample statistics -> the groups' statistics.
+GROUPS = {"sample": lambda stats: stats, "micro_batch": routing.pool_samples}
+
+
 @dataclass
 class RouterSettings:
     """What a router needs beyond megatron's config: whose it is and how its losses are weighted."""
@@ -34,6 +38,15 @@ class RouterSettings:
     # Share of the module's loss that one forward call of this router carries: 1 / (number of MoE
     # layers in the module * forward passes per step through them, e.g. 2 for S2 scales).
     call_share: float = 1.0
+    # Which tokens one balance loss is taken over, as the original CuMo code groups them for the
+    # module: "sample" (each sample's tokens, losses averaged over samples: its CLIP and connector
+    # MoE) or "micro_batch" (all the micro-batch's non-padding tokens on this rank at once: its
+    # Mixtral block, which flattens batch x sequence before routing).
+    group: str = "sample"
+
+    def __post_init__(self):
+        if self.group not in GROUPS:
+            raise ValueError(f"RouterSettings.group must be one of {sorted(GROUPS)}, got {self.group!r}")
 
 
 @dataclass
@@ -59,6 +72,8 @@ class CuMoRouter(MegatronModule):
     ``forward(hidden_sbh, padding_mask)`` returns megatron's ``(probs_te, routing_map_te)`` for
     the flattened ``s*b`` tokens, and, when the module's coefficients are non-zero, attaches
     ``balance_coeff * balance + z_loss_coeff * z`` (times ``call_share``) to the backward pass.
+    The balance is taken per sample or over the whole micro-batch (``settings.group``); the z-loss
+    is the mean over all the call's counted tokens either way, as in the original.
     """
 
     # How a token picks its experts from the router probabilities: ``(probs_te, k) -> (weights_tk,
@@ -73,7 +88,7 @@ class CuMoRouter(MegatronModule):
         settings: RouterSettings | None = None,
     ):
         super().__init__(config)
-        self.settings = settings or RouterSettings(module="language")
+        self.settings = settings or RouterSettings(module="language", group="micro_batch")
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
         self.layer_number = None
@@ -106,7 +121,8 @@ class CuMoRouter(MegatronModule):
 
         megatron-core's convention (its ``GPTModel``/``MoELayer`` hand the mask on as given):
         padding is routed (its outputs are masked by the loss) but left out of the aux losses and
-        the load counts, as the reference's Mixtral balance loss leaves out masked tokens.
+        the load counts. A deliberate difference: the original's Mixtral block sees no attention
+        mask and counts padding in the LLM's losses, so they drift with how much a batch is padded.
         """
         if hidden_sbh.dim() == 2:  # callers outside MoELayer may pass flat tokens: one sample
             hidden_sbh = hidden_sbh.unsqueeze(1)
@@ -129,12 +145,13 @@ class CuMoRouter(MegatronModule):
         return probs_te.to(hidden_sbh.dtype), routing_map_te
 
     def _attach_aux_losses(self, probs_te, logits_sbe, probs_sbe, top1_sb, valid_sb, wants_aux):
-        stats = routing.balance_stats(probs_sbe, top1_sb, valid_sb)
+        stats = GROUPS[self.settings.group](routing.balance_stats(probs_sbe, top1_sb, valid_sb))
         z_sum = routing.z_loss_sum(logits_sbe.view(-1, self.num_experts),
                                    None if valid_sb is None else valid_sb.reshape(-1))
         z_count = stats.tokens.sum()
         if self._tokens_split_over_tp():
-            # Each TP rank holds a slice of every sample's tokens: sum the statistics over TP.
+            # Each TP rank holds a slice of every sample's tokens: sum the statistics over TP
+            # (per group, so a micro-batch group also gathers every TP rank's tokens).
             # The reduction's backward is the identity, which is right because every TP rank
             # computes (and back-propagates) the same loss from the same reduced statistics.
             stats = routing.BalanceStats(

@@ -2,9 +2,16 @@
 
 Semantics (../shared/DESIGN.md, section 1): a bias-free linear gives logits; the softmax over
 experts is taken in fp32; the top-k probabilities are kept and renormalised to sum to 1; no noise,
-no capacity, no token dropping. Balance loss per sample is ``E^2 * mean_e(P_e * f_e)`` with ``P_e``
-the sample's mean router probability and ``f_e`` the fraction of its tokens whose *top-1* expert
-is e, averaged over samples; the router z-loss is the token mean of ``logsumexp(logits)^2``.
+no capacity, no token dropping. The balance loss of a group of tokens is ``E^2 * mean_e(P_e * f_e)``
+with ``P_e`` the group's mean router probability and ``f_e`` the fraction of its tokens whose
+*top-1* expert is e, averaged over groups; the router z-loss is the token mean of
+``logsumexp(logits)^2``.
+
+What a group is follows the original CuMo code, module by module: each sample for the vision tower
+and the connector (``clip_smoe.py`` and ``multimodal_projector/builder.py`` reduce ``'... n e ->
+... e'`` per image), the whole micro-batch for a Mixtral LLM (``smoe_mixtral_helper.py`` flattens
+``batch x sequence`` before routing). `balance_stats` gives per-sample statistics;
+`pool_samples` merges them into one micro-batch group.
 
 The statistics are split into sums and counts so that callers holding only a slice of each
 sample's tokens (sequence parallelism) can all-reduce them before forming the losses.
@@ -42,11 +49,14 @@ def scatter_routing(
 
 @dataclass
 class BalanceStats:
-    """Per-sample sums behind the balance loss (all ``[num_samples, E]`` except ``tokens``)."""
+    """Per-group sums behind the balance loss (all ``[num_groups, E]`` except ``tokens``).
 
-    prob_sum: torch.Tensor  # sum over the sample's tokens of router probabilities (carries grad)
-    top1_count: torch.Tensor  # number of the sample's tokens whose top-1 expert is e
-    tokens: torch.Tensor  # [num_samples] number of tokens counted per sample
+    A group is one sample (`balance_stats`) or the whole micro-batch (`pool_samples`).
+    """
+
+    prob_sum: torch.Tensor  # sum over the group's tokens of router probabilities (carries grad)
+    top1_count: torch.Tensor  # number of the group's tokens whose top-1 expert is e
+    tokens: torch.Tensor  # [num_groups] number of tokens counted per group
 
 
 def balance_stats(
@@ -70,8 +80,22 @@ def balance_stats(
     return BalanceStats(probs_sbe.sum(dim=0), top1_onehot_sbe.sum(dim=0), tokens_b)
 
 
+def pool_samples(stats: BalanceStats) -> BalanceStats:
+    """Merge every sample's statistics into one group (``[1, E]`` sums, ``[1]`` tokens).
+
+    `balance_loss` of the result is the balance of all the counted tokens taken together, as the
+    original computes it over a flattened micro-batch. Summing is exact, so pooling before or
+    after an all-reduce of the sums over sequence-parallel ranks gives the same statistics.
+    """
+    return BalanceStats(
+        stats.prob_sum.sum(dim=0, keepdim=True),
+        stats.top1_count.sum(dim=0, keepdim=True),
+        stats.tokens.sum(dim=0, keepdim=True),
+    )
+
+
 def balance_loss(stats: BalanceStats) -> torch.Tensor:
-    """``mean_b( E^2 * mean_e(P_be * f_be) )`` over samples that have at least one token."""
+    """``mean_g( E^2 * mean_e(P_ge * f_ge) )`` over groups (rows of ``stats``) with a token."""
     num_experts = stats.prob_sum.shape[-1]
     has_tokens_b = stats.tokens > 0
     tokens_b1 = stats.tokens.clamp(min=1).unsqueeze(-1)

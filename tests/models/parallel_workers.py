@@ -36,11 +36,13 @@ def save_gradients(model, out_dir: str) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), out_dir)
 
 
-def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_dir: str, seq_length: int):
+def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_dir: str, seq_length: int,
+                   micro_batch_size: int):
     """Load ``weights`` at the layout, run the micro-batches of this DP rank, save gradients.
 
     Returns the LM loss averaged over data-parallel ranks (None off the last pipeline stage), the
-    routers' token counts per expert of this rank's layers (`collect_moe_stats`) and the DP rank.
+    routers' token counts per expert and aux losses per module of this rank's layers
+    (`collect_moe_stats`), and the DP and PP ranks.
     """
     platform.initialize(platform.ParallelSizes(tp=tp, pp=pp, ep=ep), seed=7)
     parallel = ParallelConfig(tp=tp, pp=pp, ep=ep)
@@ -54,10 +56,12 @@ def loss_and_grads(tp: int, pp: int, ep: int, weights: str, batches: str, out_di
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = microbatches[dp_rank::dp_size]
     ddp.zero_grad_buffer()
-    loss = forward_backward(ddp, mine, len(mine), seq_length=seq_length, micro_batch_size=1)
-    expert_load = collect_moe_stats(model, len(mine))["layers"]
+    loss = forward_backward(ddp, mine, len(mine), seq_length=seq_length, micro_batch_size=micro_batch_size)
+    moe_stats = collect_moe_stats(model, len(mine))
     save_gradients(model, out_dir)
-    out = {"loss": None, "replicas_identical": replicas_identical, "expert_load": expert_load, "dp_rank": dp_rank}
+    out = {"loss": None, "replicas_identical": replicas_identical, "expert_load": moe_stats["layers"],
+           "moe_losses": moe_stats["modules"], "dp_rank": dp_rank,
+           "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
     if loss is None:
         return out
     loss_t = torch.tensor([loss], dtype=torch.float64)
@@ -81,7 +85,8 @@ def _tp_replicas_identical(model) -> bool:
 
 
 def loss_and_grads_per_layout(layouts: list[dict], weights: str, batches: str, out_dirs: list[str],
-                              seq_length: int) -> list[dict]:
+                              seq_length: int, micro_batch_size: int) -> list[dict]:
     """`loss_and_grads` for each of ``layouts`` (``{"tp", "pp", "ep"}``) in turn, gradients to ``out_dirs``."""
-    return [loss_and_grads(**layout, weights=weights, batches=batches, out_dir=out_dir, seq_length=seq_length)
+    return [loss_and_grads(**layout, weights=weights, batches=batches, out_dir=out_dir, seq_length=seq_length,
+                           micro_batch_size=micro_batch_size)
             for layout, out_dir in zip(layouts, out_dirs)]

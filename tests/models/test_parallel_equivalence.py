@@ -1,4 +1,6 @@
-"""TP=2 (with SP), EP=2 and PP=2 give the world-of-one loss and gradients on the full CuMo model.
+"""TP=2 (with SP), EP=2 and PP=2 give the world-of-one loss, gradients, expert load and MoE aux
+losses on the full CuMo model, with micro-batches of 2 samples and padding (the LLM's balance is
+taken over each micro-batch's real tokens, which SP ranks and pipeline stages must combine).
 
 The world-of-one run happens in this process; the layouts run one after another on the 2 gloo
 ranks of one ``torchrun`` launch (`tests.helpers.shared_launch`, shared with the platform checks).
@@ -25,6 +27,9 @@ from tests.models.parallel_workers import equivalence_model_config
 
 SEQ = 16
 MICROBATCHES = 2
+MICRO_BATCH_SIZE = 2
+# Real tokens per sample of each micro-batch; the rest is right padding (as the data pipeline pads).
+REAL = ((16, 11), (9, 13))
 
 
 def _microbatches(cfg) -> list[dict]:
@@ -32,15 +37,20 @@ def _microbatches(cfg) -> list[dict]:
     tokens = cfg.vision.tokens_per_image
     out = []
     for i in range(MICROBATCHES):
-        ids = torch.randint(0, cfg.language.vocab_size, (1, SEQ), generator=gen)
-        ids[0, 1 + i:1 + i + tokens] = cfg.image_token_id
-        loss_mask = torch.ones(1, SEQ)
-        loss_mask[0, : 1 + i + tokens] = 0.0  # loss on the text after the image, as in training
+        ids = torch.randint(0, cfg.language.vocab_size, (MICRO_BATCH_SIZE, SEQ), generator=gen)
+        loss_mask = torch.ones(MICRO_BATCH_SIZE, SEQ)
+        padding_mask = torch.arange(SEQ).unsqueeze(0) >= torch.tensor(REAL[i]).unsqueeze(1)
+        for j in range(MICRO_BATCH_SIZE):
+            start = 1 + i + j
+            ids[j, start:start + tokens] = cfg.image_token_id
+            loss_mask[j, : start + tokens] = 0.0  # loss on the text after the image, as in training
+        loss_mask[padding_mask] = 0.0
         out.append(dict(
             input_ids=ids,
-            images=torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen),
-            labels=torch.randint(0, cfg.language.vocab_size, (1, SEQ), generator=gen),
+            images=torch.randn(MICRO_BATCH_SIZE, 3, cfg.vision.image_size, cfg.vision.image_size, generator=gen),
+            labels=torch.randint(0, cfg.language.vocab_size, (MICRO_BATCH_SIZE, SEQ), generator=gen),
             loss_mask=loss_mask,
+            padding_mask=padding_mask,
         ))
     return out
 
@@ -61,13 +71,14 @@ def _prepare(tmp) -> tuple[str, dict, dict]:
     torch.save(batches, tmp / "batches.pt")
     ddp = wrap_ddp(model)
     ddp.zero_grad_buffer()
-    loss = forward_backward(ddp, batches, MICROBATCHES, seq_length=SEQ, micro_batch_size=1)
-    expert_load = collect_moe_stats(model, MICROBATCHES)["layers"]
+    loss = forward_backward(ddp, batches, MICROBATCHES, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE)
+    moe_stats = collect_moe_stats(model, MICROBATCHES)
     grads = {name: p.main_grad.clone() for name, p in model.named_parameters()}
     out_dirs = [str(tmp / f"grads-{name}") for name in LAYOUTS]
     args = dict(layouts=list(LAYOUTS.values()), weights=str(weights), batches=str(tmp / "batches.pt"),
-                out_dirs=out_dirs, seq_length=SEQ)
-    reference = dict(cfg=cfg, loss=loss, grads=grads, expert_load=expert_load, out_dirs=dict(zip(LAYOUTS, out_dirs)))
+                out_dirs=out_dirs, seq_length=SEQ, micro_batch_size=MICRO_BATCH_SIZE)
+    reference = dict(cfg=cfg, loss=loss, grads=grads, expert_load=moe_stats["layers"],
+                     moe_losses=moe_stats["modules"], out_dirs=dict(zip(LAYOUTS, out_dirs)))
     return "tests.models.parallel_workers:loss_and_grads_per_layout", args, reference
 
 
@@ -127,3 +138,34 @@ def test_expert_load_matches_world_of_one(launched, layout):
         for key, counts in merged.items():
             got[key] = [a + b for a, b in zip(got.get(key, [0] * len(counts)), counts)]
     assert got == want, layout
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_moe_aux_losses_match_world_of_one(launched, layout):
+    """Each module's balance and z losses equal the world-of-one values: TP ranks that split the
+    sequence (SP) each hold the whole micro-batch's loss, pipeline stages add their layers' shares,
+    data-parallel ranks average their micro-batches."""
+    reference, ranks = launched
+    results = [rank[list(LAYOUTS).index(layout)] for rank in ranks]
+    want = reference["moe_losses"]
+    assert set(want) == {"vision", "connector", "language"}
+    per_dp: list[dict[str, dict[str, float]]] = []
+    for dp_rank in sorted({r["dp_rank"] for r in results}):
+        summed: dict[str, dict[str, float]] = {}
+        for pp_rank in sorted({r["pp_rank"] for r in results if r["dp_rank"] == dp_rank}):
+            replicas = [r["moe_losses"] for r in results if (r["dp_rank"], r["pp_rank"]) == (dp_rank, pp_rank)]
+            for other in replicas[1:]:  # TP ranks of one stage
+                assert other.keys() == replicas[0].keys(), layout
+                for module, losses in other.items():
+                    for kind, value in losses.items():
+                        assert value == pytest.approx(replicas[0][module][kind], rel=1e-6), (layout, module, kind)
+            for module, losses in replicas[0].items():
+                entry = summed.setdefault(module, {"balance": 0.0, "z_loss": 0.0})
+                for kind, value in losses.items():
+                    entry[kind] += value
+        per_dp.append(summed)
+    assert all(entry.keys() == want.keys() for entry in per_dp), layout
+    for module, losses in want.items():
+        for kind, value in losses.items():
+            got = sum(entry[module][kind] for entry in per_dp) / len(per_dp)
+            assert got == pytest.approx(value, rel=1e-5, abs=1e-7), (layout, module, kind)

@@ -1,4 +1,5 @@
-"""`CuMoRouter` against the oracle: routing, aux-loss gradients, call shares, statistics, padding."""
+"""`CuMoRouter` against the oracle: routing, aux-loss gradients, call shares, statistics, padding,
+per-sample and per-micro-batch balance groups."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ S, B = 7, 3  # tokens per sample, samples
 SHARE, BAL, Z = 0.25, 0.3, 0.05  # call share and coefficients (not the defaults, so that mixing them up shows)
 
 
-def _router(share=SHARE, bal=BAL, z=Z) -> CuMoRouter:
+def _router(share=SHARE, bal=BAL, z=Z, group="sample") -> CuMoRouter:
     config = connector_transformer_config(tiny())  # hidden 32 -> 4 experts, top-2
-    router = CuMoRouter(config, settings=RouterSettings("vision", bal, z, call_share=share))
+    router = CuMoRouter(config, settings=RouterSettings("vision", bal, z, call_share=share, group=group))
     with torch.no_grad():  # larger than the default init, so routing is far from uniform
         router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(5)))
     return router
@@ -171,3 +172,35 @@ def test_flat_tokens_are_one_sample():
     torch.testing.assert_close(
         stats.balance, SHARE * _reference_losses(x.unsqueeze(1), router.weight.detach())[0]
     )
+
+
+def _reference_micro_batch_losses(x_sbh, weight, valid_sb):
+    """The original Mixtral block's grouping, by the oracle: one balance over all real tokens."""
+    real_te = (x_sbh @ weight.t())[valid_sb]
+    _, indices, probs = ref.route_topk(real_te, 2)
+    return ref.balance_loss(probs, indices[:, 0], weight.shape[0]), ref.z_loss(real_te)
+
+
+def test_micro_batch_group_is_one_balance_over_the_real_tokens():
+    router = _router(group="micro_batch")
+    x = _x(9)
+    valid_sb = torch.ones(S, B, dtype=torch.bool)
+    valid_sb[3:, 1] = False
+    probs_te, _ = router(x, ~valid_sb)
+    (probs_te * 0).sum().backward()
+    stats = router.take_stats()
+    balance, z = _reference_micro_batch_losses(x, router.weight.detach(), valid_sb)
+    torch.testing.assert_close(stats.balance, SHARE * balance, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stats.z_loss, SHARE * z, rtol=1e-5, atol=1e-7)
+    w = router.weight.detach().clone().requires_grad_(True)
+    balance_w, z_w = _reference_micro_batch_losses(x, w, valid_sb)
+    (SHARE * (BAL * balance_w + Z * z_w)).backward()
+    torch.testing.assert_close(router.weight.grad, w.grad, rtol=1e-5, atol=1e-7)
+    # Per sample the same tokens give another balance (so the check can fail).
+    per_sample, _ = _reference_losses(x, router.weight.detach(), valid_sb)
+    assert abs(float(per_sample - balance)) > 1e-3
+
+
+def test_unknown_group_is_refused():
+    with pytest.raises(ValueError, match="group"):
+        RouterSettings("language", group="batch")

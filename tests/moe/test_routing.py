@@ -124,3 +124,24 @@ def test_z_loss_sum_is_fp32_and_masked():
     assert z.dtype == torch.float32
     expected = torch.logsumexp(logits_te.float()[valid_t], -1).square().sum()
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_pooled_samples_are_one_group_over_the_real_tokens():
+    """`pool_samples`: the balance of all the micro-batch's real tokens at once, as the original's
+    Mixtral block computes it on the flattened ``batch x sequence`` tokens."""
+    s, b = 9, 3
+    logits_sbe = _logits(s, b, seed=11)
+    valid_sb = torch.ones(s, b, dtype=torch.bool)
+    valid_sb[5:, 1] = False  # sample 1: 5 real tokens, 4 padding
+    probs_sbe = torch.softmax(logits_sbe, dim=-1)
+    _, experts_tk = routing.topk_renormalized(probs_sbe.reshape(-1, E), K)
+    stats = routing.balance_stats(probs_sbe, experts_tk[:, 0].view(s, b), valid_sb)
+    pooled = routing.pool_samples(stats)
+    assert pooled.prob_sum.shape == (1, E) and pooled.tokens.tolist() == [float(valid_sb.sum())]
+
+    real_te = logits_sbe[valid_sb]  # [real tokens, E], padding gone
+    _, indices, probs = ref.route_topk(real_te, K)
+    expected = ref.balance_loss(probs, indices[:, 0], E)  # 2-D: one group
+    torch.testing.assert_close(routing.balance_loss(pooled), expected, rtol=1e-6, atol=1e-6)
+    # The per-sample balance of the same tokens is another number (so the check can fail).
+    assert abs(float(routing.balance_loss(stats) - expected)) > 1e-3

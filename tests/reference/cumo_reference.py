@@ -8,10 +8,18 @@ Semantics (see DESIGN.md section 1):
 
 * Router: bias-free linear d -> E, softmax over experts in fp32, top-k of the probabilities, the k
   weights renormalised to sum to 1.  Dropless, no noise, no capacity.
-* Balance loss per MoE module call: per sample, ``E^2 * mean_e(P_e * f_e)`` with ``P_e`` the mean
-  router probability of expert e over the sample's tokens and ``f_e`` the fraction of the sample's
-  tokens whose top-1 expert is e; averaged over samples.
-* Router z-loss: mean over all tokens of ``logsumexp(logits)^2``.
+* Balance loss per MoE module call: ``E^2 * mean_e(P_e * f_e)`` with ``P_e`` the mean router
+  probability of expert e over a group of tokens and ``f_e`` the fraction of the group's tokens
+  whose top-1 expert is e; averaged over groups.  The groups are the original's, module by module:
+  per sample (image) for the CLIP MoE (``clip_smoe.py``) and the MLP-MoE connector
+  (``multimodal_projector/builder.py``), which reduce ``'... n e -> ... e'`` over each image's
+  tokens; the whole micro-batch for a Mixtral LLM (``smoe_mixtral_helper.py``, which flattens
+  ``batch x sequence`` before routing), averaged over the LM layers (``llava_mixtral.py``; HF's
+  ``load_balancing_loss_func`` is never used).
+* Router z-loss: mean over all tokens of ``logsumexp(logits)^2`` (every module).
+* Deliberate difference from the original CuMo code: the original's Mixtral block sees no attention
+  mask and counts padding tokens in the LLM's losses; given an ``attention_mask``, this oracle
+  leaves the padding (mask 0) out of them.
 * Vision tower: CLIP ViT, features of the penultimate layer, CLS dropped, no post-LayerNorm.
   Deliberate difference from the original CuMo code: the original runs all N layers and averages
   the aux losses over all N, although the last layer's output is never used; this oracle runs only
@@ -497,8 +505,9 @@ class ReferenceCuMo(nn.Module):
     vocabulary (e.g. LLaVA's -200): those positions never reach the embedding table.
 
     Aux losses: the vision tower's and the connector's (when MoE) and, when ``llm_aux`` (default:
-    the LM is a ``MixtralForCausalLM``), the LLM's router losses, computed per sample from the
-    router logits HF returns and averaged over the LM layers.
+    the LM is a ``MixtralForCausalLM``), the LLM's router losses, computed over the micro-batch's
+    flattened (non-padding) tokens from the router logits HF returns and averaged over the LM
+    layers.
     ``total_loss = lm_loss + balance_coeff * sum(balances) + z_coeff * sum(zs)``.
     """
 
@@ -567,14 +576,24 @@ class ReferenceCuMo(nn.Module):
         embeds[is_image] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(embeds.dtype)
         return embeds, aux
 
-    def _llm_aux(self, router_logits, batch: int):
-        """Per-sample router losses of the LM's MoE layers, averaged over layers."""
+    def _llm_aux(self, router_logits, attention_mask: Optional[torch.Tensor]):
+        """Router losses of the LM's MoE layers, averaged over layers.
+
+        As ``smoe_mixtral_helper.py``: each layer's logits ``[B*T, E]`` are those of the flattened
+        micro-batch, and its balance and z losses are taken over all those tokens at once (one
+        group, not per sample).  Padding (``attention_mask == 0``) is left out: the deliberate
+        difference from the original described in the module docstring.
+        """
         balances, zs = [], []
+        real_t = None if attention_mask is None else attention_mask.reshape(-1).bool()
         for logits in router_logits:
-            logits = logits.reshape(batch, -1, logits.shape[-1])
-            _, indices, probs = route_topk(logits, self.lm.config.num_experts_per_tok)
-            balances.append(balance_loss(probs, indices[..., 0], logits.shape[-1]))
-            zs.append(z_loss(logits))
+            logits_te = logits.reshape(-1, logits.shape[-1])  # HF gives [B*T, E], row-major (b, t)
+            if real_t is not None:
+                logits_te = logits_te[real_t]
+            _, indices, probs = route_topk(logits_te, self.lm.config.num_experts_per_tok)
+            # 2-D probs: the flattened tokens are a single group.
+            balances.append(balance_loss(probs, indices[:, 0], logits_te.shape[-1]))
+            zs.append(z_loss(logits_te))
         return torch.stack(balances).mean(), torch.stack(zs).mean()
 
     # -- forward ------------------------------------------------------------------------------
@@ -609,7 +628,7 @@ class ReferenceCuMo(nn.Module):
         )
         logits = out.logits.float()
         if self.llm_aux:
-            aux["llm"] = self._llm_aux(out.router_logits, b)
+            aux["llm"] = self._llm_aux(out.router_logits, attention_mask)
 
         shifted = labels is None
         if shifted:

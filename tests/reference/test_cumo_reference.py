@@ -238,6 +238,60 @@ def test_reference_cumo_text_only_equals_hf_lm(kind):
         assert out["balance_losses"] == {} and torch.equal(out["total_loss"], out["lm_loss"])
 
 
+def _original_mixtral_block_losses(router_logits_te: torch.Tensor, top_k: int):
+    """The aux losses of CuMo's ``smoe_mixtral_helper.py`` block, line by line, on the router
+    logits of the flattened micro-batch ``[B*T, E]`` (einops ``reduce '... n e -> ... e'`` is
+    the mean over the token dimension)."""
+    num_experts = router_logits_te.shape[-1]
+    router_z_loss = torch.logsumexp(router_logits_te, dim=-1).square().mean()
+    routing_weights = F.softmax(router_logits_te, dim=1, dtype=torch.float)
+    density_1_proxy = routing_weights.mean(dim=-2)
+    _, selected_experts = torch.topk(routing_weights, top_k, dim=-1)
+    one_hot_gate_indices = F.one_hot(selected_experts.t(), num_experts).float()[0]
+    density_1 = one_hot_gate_indices.mean(dim=-2)
+    balance_loss_ = (density_1_proxy * density_1).mean() * float(num_experts**2)
+    return balance_loss_, router_z_loss
+
+
+def test_reference_llm_aux_is_the_original_block_over_the_flattened_micro_batch():
+    """Micro-batch of 3 with padding: the LLM's losses are the original block's on all the real
+    tokens at once (padding left out: the documented deliberate difference), averaged over layers;
+    not the mean of per-sample losses, and not the original's with the padding counted."""
+    ref = tiny_reference_cumo("mixtral", scales=(1,))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (3, 10), generator=gen)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding, as the data pipeline pads
+    mask[2, 3:] = 0
+    k = ref.lm.config.num_experts_per_tok
+    with torch.no_grad():
+        out = ref(ids, attention_mask=mask)
+        router_logits = ref.lm(input_ids=ids, attention_mask=mask, output_router_logits=True).router_logits
+    assert len(router_logits) == ref.lm.config.num_hidden_layers == 2
+    real_t = mask.reshape(-1).bool()
+    per_layer = [_original_mixtral_block_losses(lg[real_t], k) for lg in router_logits]
+    balance = torch.stack([b for b, _ in per_layer]).mean()
+    z = torch.stack([z for _, z in per_layer]).mean()
+    torch.testing.assert_close(out["balance_losses"]["llm"], balance, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["z_losses"]["llm"], z, rtol=1e-6, atol=1e-6)
+    # Without padding it is the original's number exactly.
+    with torch.no_grad():
+        full = ref(ids)
+        full_logits = ref.lm(input_ids=ids, output_router_logits=True).router_logits
+    original = torch.stack([_original_mixtral_block_losses(lg, k)[0] for lg in full_logits]).mean()
+    torch.testing.assert_close(full["balance_losses"]["llm"], original, rtol=1e-6, atol=1e-6)
+    # The groupings it is not (each would fail the checks above).
+    per_sample = []
+    for lg in router_logits:
+        lg_bte = lg.view(3, 10, -1)
+        per_sample.append(torch.stack([
+            _original_mixtral_block_losses(lg_bte[i, mask[i].bool()], k)[0] for i in range(3)
+        ]).mean())
+    assert abs(float(torch.stack(per_sample).mean() - balance)) > 1e-3
+    with_padding = torch.stack([_original_mixtral_block_losses(lg, k)[0] for lg in router_logits]).mean()
+    assert abs(float(with_padding - balance)) > 1e-3
+
+
 def test_reference_cumo_with_images_splices_features_and_sums_losses():
     ref = tiny_reference_cumo("mistral", scales=(1, 3))
     n_img = ref.num_image_tokens
