@@ -22,6 +22,7 @@ from cumo_megatron.data.tokenizer import Tokenizer
 from cumo_megatron.inference.generation import generate, left_pad, strip_after_eos
 from cumo_megatron.inference.prompts import generation_prompt, prompt_input_ids
 from cumo_megatron.models.cumo import build_model
+from cumo_megatron.models.parallelize import placement_for, place_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def load_model(load: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
             f"{directory} is neither a cumo-megatron checkpoint (model_config.yaml + metadata.json) nor an "
             "original CuMo release (config.json + safetensors)"
         )
+    # On the GPU when there is one, in the dtype the checkpoint was trained in.
+    model = place_for_inference(model, placement_for(cfg))
     return model.eval(), cfg
 
 

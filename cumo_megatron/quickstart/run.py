@@ -122,11 +122,15 @@ def timed_step(name: str, what: str, done: bool, fn) -> None:
 
 
 def run(out: Path, n_train: int = 1600, n_eval: int = 100, seed: int = 0, fresh: bool = False,
-        overrides: Optional[dict] = None) -> dict:
-    """The whole quickstart into ``out``; returns the evaluation summary (also in ``out/eval.json``)."""
+        overrides: Optional[dict] = None, precision: str = "fp32") -> dict:
+    """The whole quickstart into ``out``; returns the evaluation summary (also in ``out/eval.json``).
+
+    ``precision`` (fp32, bf16, fp16) is the training dtype of the three stages (megatron's mixed
+    precision: fp32 main weights in the optimizer); generation runs in the checkpoint's dtype.
+    """
     from cumo_megatron.quickstart.evaluate import evaluate, plot_expert_load
 
-    overrides = overrides or {}
+    overrides = {stage: [f"model.precision={precision}", *(overrides or {}).get(stage, ())] for stage in (1, 2, 3)}
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +192,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--n-train", type=int, default=1600)
     p.add_argument("--n-eval", type=int, default=100, help="held-out images (2 questions each)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="training dtype of the three stages (default fp32)")
     args = p.parse_args(argv)
     try:
-        run(Path(args.out).resolve(), args.n_train, args.n_eval, args.seed, args.fresh)
+        run(Path(args.out).resolve(), args.n_train, args.n_eval, args.seed, args.fresh, precision=args.precision)
     except RuntimeError as exc:
         print(f"[quickstart] FAILED: {exc}", file=sys.stderr)
         return 1

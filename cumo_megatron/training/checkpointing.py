@@ -134,9 +134,10 @@ def set_rng_state(state: dict) -> None:
 def _prime_torch_adam_state(optimizer) -> None:
     """Give every parameter of a fresh torch Adam(W) its state entries (step included).
 
-    Loading builds the optimizer's sharded state dict from its *current* state; megatron's
-    distributed optimizer without Apex/TE (CPU) reads a ``step`` from every entry, which a torch
-    Adam only has after its first step. Zeros are placeholders: the checkpoint overwrites them.
+    Saving and loading build the optimizer's sharded state dict from its *current* state;
+    megatron's distributed optimizer without Apex/TE (CPU) reads a ``step`` from every entry, which
+    a torch Adam only has after its first step. When loading, the zeros are placeholders that the
+    checkpoint overwrites.
     """
     for inner in _torch_adams(optimizer):
         for group in inner.param_groups:
@@ -198,8 +199,10 @@ def _optimizer_parts(optimizer, model_sd: dict, is_loading: bool) -> tuple[dict,
     distributed optimizer). Callers leave out a rank whose optimizer holds no parameter
     (`_holds_parameters`).
     """
-    if is_loading:
-        _prime_torch_adam_state(optimizer)
+    # Saving too: an optimizer that has not stepped yet (under fp16, every step so far skipped by
+    # the loss scaler) has no Adam state, and megatron's state_dict asserts on it. The primed state
+    # (step 0, zero moments) is exactly what torch Adam's first step would create.
+    _prime_torch_adam_state(optimizer)
     state = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     if is_loading:  # dist_checkpointing.load keeps the structure and drops plain request entries
         return state, {}

@@ -76,7 +76,9 @@ def console_line(row: dict) -> str:
         f"{fmt(row.get('tokens_per_s'), '.0f')} tok/s",
         f"{fmt(row.get('tflops'), '.3g')} TFLOP/s",
     ]
-    if row.get("skipped"):
+    if row.get("overflow"):
+        parts.append(f"SKIPPED (fp16 overflow at loss scale {row.get('loss_scale', float('nan')):g})")
+    elif row.get("skipped"):
         parts.append(f"SKIPPED (non-finite, {row.get('bad_steps', 0)} in a row)")
     return " | ".join(parts)
 
