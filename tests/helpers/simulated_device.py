@@ -304,6 +304,10 @@ class _PlacementMode(TorchFunctionMode):
         if func is torch.autograd.backward:
             with self:
                 return _engine_backward(*args, **kwargs)
+        if func is torch.Tensor.new_tensor and isinstance(args[0], SimulatedTensor) and "device" not in kwargs:
+            # Like torch.tensor it builds its result with Python dispatch off, on self's device:
+            # that would be a real, data-less meta tensor.
+            kwargs = dict(kwargs, device=SIM_DEVICE)
         if func is torch.Tensor.to:
             return self._to(func, args, kwargs)
         if func is torch.Tensor.cuda and self.cuda_is_simulated:
