@@ -58,6 +58,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 SIM_DEVICE = torch.device("meta")
 _CPU = torch.device("cpu")
@@ -84,10 +85,13 @@ class Violation:
     simulated_shapes: list[tuple[int, ...]]
     cpu_shapes: list[tuple[int, ...]]
     stack: list[str]  # "file:line in function", innermost last, torch frames left out
+    # Per CPU tensor: the frame of the op that made it inside the audit, or "before the audit".
+    cpu_origins: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         where = " <- ".join(reversed(self.stack)) or "?"
-        return f"{self.op}: simulated {self.simulated_shapes}, cpu {self.cpu_shapes} at {where}"
+        made = f" (cpu made at {', '.join(self.cpu_origins)})" if self.cpu_origins else ""
+        return f"{self.op}: simulated {self.simulated_shapes}, cpu {self.cpu_shapes} at {where}{made}"
 
 
 class PlacementError(RuntimeError):
@@ -203,29 +207,31 @@ _ACTIVE: list["SimulatedDevice"] = []
 
 
 def _check_placement(func, args, kwargs) -> None:
-    sims, cpus = [], []
+    sims, cpus, cpu_tensors = [], [], []
     cpu_ok = _CPU_OK_ARGS.get(func, ())
     for i, a in enumerate(args):
         if i in cpu_ok:
             continue
         for t in tree_flatten(a)[0]:
-            _classify(t, sims, cpus)
+            _classify(t, sims, cpu_tensors)
     for t in tree_flatten(kwargs)[0]:
-        _classify(t, sims, cpus)
-    if not (sims and cpus):
+        _classify(t, sims, cpu_tensors)
+    if not (sims and cpu_tensors):
         return
-    v = Violation(str(func), sims, cpus, _caller_stack())
     audit = _ACTIVE[-1] if _ACTIVE else None
+    cpus = [tuple(t.shape) for t in cpu_tensors]
+    origins = [audit.origins.get(t, "before the audit") for t in cpu_tensors] if audit else []
+    v = Violation(str(func), sims, cpus, _caller_stack(), origins)
     if audit is None or audit.strict:
         raise PlacementError(f"Expected all tensors to be on the same device: {v}")
     audit.violations.append(v)
 
 
-def _classify(t, sims, cpus) -> None:
+def _classify(t, sims, cpu_tensors) -> None:
     if isinstance(t, SimulatedTensor):
         sims.append(tuple(t.shape))
     elif isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0:
-        cpus.append(tuple(t.shape))
+        cpu_tensors.append(t)
 
 
 class _ToSimulated(torch.autograd.Function):
@@ -351,31 +357,45 @@ class _PlacementMode(TorchFunctionMode):
 
 class _FactoryDispatchMode(TorchDispatchMode):
     """Catches ``device=meta`` allocations made below Python (autograd engine zero-fills,
-    ``ToCopyBackward``), which the torch-function mode never sees."""
+    ``ToCopyBackward``), which the torch-function mode never sees; and, with ``origins``, notes
+    where each plain CPU tensor of ndim > 0 was made, so a violation can name the culprit's
+    birthplace and not only the op that finally mixed it in."""
+
+    def __init__(self, origins: "WeakIdKeyDictionary | None"):
+        super().__init__()
+        self.origins = origins
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_sim(kwargs.get("device")) and not any(
-            isinstance(t, SimulatedTensor) for t in tree_flatten((args, kwargs))[0]
-        ):
+        flat = tree_flatten((args, kwargs))[0]
+        has_sim = any(isinstance(t, SimulatedTensor) for t in flat)
+        if _is_sim(kwargs.get("device")) and not has_sim:
             out = func(*args, **dict(kwargs, device=_CPU))
             return tree_map(lambda t: SimulatedTensor(t) if isinstance(t, torch.Tensor) else t, out)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if self.origins is not None:
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and not isinstance(t, SimulatedTensor)
+                        and t.device.type == "cpu" and t.dim() > 0):
+                    self.origins[t] = (_caller_stack(1) or ["?"])[0]
+        return out
 
 
 class SimulatedDevice:
     """The state of one `simulated_device()` block: its ``device`` and the ``violations`` found."""
 
-    def __init__(self, strict: bool):
+    def __init__(self, strict: bool, track_origins: bool):
         self.strict = strict
         self.device = SIM_DEVICE
         self.violations: list[Violation] = []
+        # CPU tensor -> frame that made it (weak: the audit must not keep tensors alive)
+        self.origins = WeakIdKeyDictionary() if track_origins else None
 
     def summary(self) -> list[tuple[Violation, int]]:
         """Distinct violations (same op and stack) with how often each happened, first seen first."""
         seen: dict[tuple, list] = {}
         for v in self.violations:
-            key = (v.op, tuple(v.stack), tuple(v.simulated_shapes), tuple(v.cpu_shapes))
+            key = (v.op, tuple(v.stack), tuple(v.simulated_shapes), tuple(v.cpu_shapes), tuple(v.cpu_origins))
             seen.setdefault(key, [v, 0])[1] += 1
         return [(v, n) for v, n in seen.values()]
 
@@ -385,24 +405,28 @@ class SimulatedDevice:
 
 
 @contextlib.contextmanager
-def simulated_device(strict: bool = False, cuda_is_simulated: bool = True) -> Iterator[SimulatedDevice]:
+def simulated_device(
+    strict: bool = False, cuda_is_simulated: bool = True, track_origins: bool = True,
+) -> Iterator[SimulatedDevice]:
     """Make placements on ``meta`` (and CUDA, unless ``cuda_is_simulated`` is False) simulated.
 
     ``strict``: raise `PlacementError` at the first violation instead of collecting them.
     ``cuda_is_simulated``: ``"cuda"``, integer indices and ``torch.cuda.current_device()`` mean
     the simulated device, as on a GPU host (the CPU platform otherwise maps them to the CPU, and
     megatron's "allocate on the current device" would then look like a violation).
+    ``track_origins``: note where each CPU tensor made inside the block came from (a stack walk
+    per CPU op; turn off for speed), reported in `Violation.cpu_origins`.
     Tensors made inside stay simulated after the block; ops mixing them with CPU tensors outside
     any block raise.
     """
-    audit = SimulatedDevice(strict)
+    audit = SimulatedDevice(strict, track_origins)
     saved_current_device = torch.cuda.current_device
     if cuda_is_simulated:
         torch.cuda.current_device = lambda: SIM_DEVICE
     _ACTIVE.append(audit)
     try:
         # Pushed last, so it sees calls before the platform's CudaToCpuMode (a stack).
-        with _FactoryDispatchMode(), _PlacementMode(cuda_is_simulated):
+        with _FactoryDispatchMode(audit.origins), _PlacementMode(cuda_is_simulated):
             yield audit
     finally:
         _ACTIVE.remove(audit)

@@ -80,12 +80,15 @@ def test_a_cpu_tensor_mixed_in_is_a_violation_and_a_cpu_scalar_is_not():
         x = torch.randn(2, 4, device=sim.device)
         out = model(x) * torch.tensor(2.0)  # 0-dim CPU scalar: CUDA allows it
         assert sim.violations == []
-        out = out + torch.ones(3)  # the bug to catch: a CPU tensor with ndim > 0
+        stray = torch.ones(3)  # the bug to catch: a CPU tensor with ndim > 0 ...
+        out = out + stray  # ... mixed into a device op
         torch.ones(3) + torch.ones(3)  # CPU-only bookkeeping: fine
     assert where(out) == "simulated"  # collecting mode carries on
     [v] = sim.violations
     assert v.op == "aten.add.Tensor" and v.simulated_shapes == [(2, 3)] and v.cpu_shapes == [(3,)]
     assert v.stack[-1].startswith("tests/helpers/test_simulated_device.py:")
+    [origin] = v.cpu_origins  # where the CPU tensor was made: here, inside the block
+    assert origin.startswith("tests/helpers/test_simulated_device.py:") and origin != v.stack[-1]
     assert "1x aten.add.Tensor" in sim.report()
 
     with simulated_device(strict=True) as sim, pytest.raises(PlacementError, match="same device"):
