@@ -119,3 +119,46 @@ def test_move_batch_moves_every_tensor():
     moved = parallelize.move_batch(batch, torch.device("meta"))
     assert moved["input_ids"].device == torch.device("meta") and moved["labels"].is_meta
     assert moved["input_ids"].dtype == torch.long and moved["images"] is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_placement_audit_on_a_device_other_than_the_cpu(world_of_one, monkeypatch, precision):
+    """The GPU contract, checked on a simulated device (real data, reported as another device;
+    `tests.helpers.simulated_device`): `place` puts every parameter and buffer there (in the
+    training dtype), the training step moves every batch tensor and makes the aux-loss scale
+    there, and a whole forward/backward through megatron's schedule runs without one op mixing a
+    CPU tensor with device tensors (strict: the first such op raises). Seen to fail when `place`
+    skips its device move (88 parameters left behind) and when the aux-loss scale is made on the
+    CPU (the op that would crash on CUDA, in `MoEAuxLossAutoScaler.backward`)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    import cumo_megatron.training.step as step
+    from cumo_megatron.demo import DemoConfig, synthetic_microbatches
+    from tests.helpers.simulated_device import audit_module, simulated_device, where
+
+    cfg = DemoConfig(micro_batch_size=2)
+    cfg.model.precision = precision
+    batches = synthetic_microbatches(cfg, 2)
+    model = build_model(cfg.model, ParallelConfig())
+    moved_batches = []
+
+    def recording_move(batch, device):
+        moved_batches.append(parallelize.move_batch(batch, device))
+        return moved_batches[-1]
+
+    monkeypatch.setattr(step, "move_batch", recording_move)
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
+    with simulated_device(strict=True) as sim:
+        chunk = parallelize.place(model, parallelize.placement_for(cfg.model, device=sim.device))
+        assert audit_module(model) == []
+        assert {p.dtype for p in model.parameters()} == {parallelize.DTYPES[precision]}
+        loss = step.forward_backward(chunk, batches, 2, seq_length=cfg.seq_length,
+                                     micro_batch_size=cfg.micro_batch_size, device=sim.device)
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+    assert sim.violations == []
+    assert loss is not None and torch.isfinite(torch.tensor(loss))
+    assert len(moved_batches) == 2
+    for moved in moved_batches:
+        assert {where(value) for value in moved.values() if value is not None} == {"simulated"}
+    assert where(scale) == "simulated" and scale.shape == (1,)
+    assert [n for n, p in model.named_parameters() if where(p.grad) != "simulated"] == []
