@@ -81,9 +81,36 @@ def gloo_average() -> dict:
     return {"avg": value.tolist()}
 
 
+def half_precision_layout(precision: str, tp: int = 1, pp: int = 1, steps: int = 4) -> dict:
+    """Train the tiny CuMo (CLIP-MoE, MoE connector, Mixtral-style LLM) in ``precision`` at a
+    2-rank layout: TP=2 (sequence parallel, replicated towers) or PP=2 (activations sent between
+    stages in the training dtype)."""
+    platform.initialize(platform.ParallelSizes(tp=tp, pp=pp), seed=5)
+    cfg = tiny(moe=True, llm_moe=True)
+    cfg.precision = precision
+    model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
+    chunk = parallelize.place(model, parallelize.placement_for(cfg))
+    ddp = parallelize.wrap_ddp(chunk, use_distributed_optimizer=True)
+    optimizer = build_optimizer([ddp], lr=3e-3, use_distributed_optimizer=True, precision=precision)
+    batches = _batches(cfg, 2, seed=0)
+    losses, skipped = [], 0
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses.append(forward_backward(ddp, batches, 2, seq_length=24, micro_batch_size=1))
+        ok, _, _ = optimizer.step()
+        skipped += not ok
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    return {"losses": losses, "skipped": skipped, "dtypes": dtypes,
+            "spread": _replicas_spread(model) if tp > 1 else 0.0}
+
+
 def check_parallelize() -> dict:
     """Everything the shared launch asks of this module, in one call."""
     return {
+        "bf16_tp2": half_precision_layout("bf16", tp=2),
+        "bf16_pp2": half_precision_layout("bf16", pp=2),
+        "fp16_pp2": half_precision_layout("fp16", pp=2, steps=5),
         "avg": gloo_average(),
         "drift_averaged": replicas_under_drift(average=True),
         "drift_not_averaged": replicas_under_drift(average=False),

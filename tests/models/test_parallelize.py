@@ -40,6 +40,22 @@ def test_tp_replicas_stay_equal_when_their_gradients_differ(ranks):
         assert control["end_spread"] > 1e-4
 
 
+def test_half_precision_trains_at_tp2_and_pp2(ranks):
+    """bf16 at TP=2 (sequence parallel; the replicated towers stay identical) and bf16/fp16 at
+    PP=2 (activations and their gradients cross the stages in the training dtype): the model is in
+    the training dtype, and the last stage's loss is finite and falls."""
+    for key, dtype in (("bf16_tp2", "torch.bfloat16"), ("bf16_pp2", "torch.bfloat16"), ("fp16_pp2", "torch.float16")):
+        for r in ranks:
+            assert r[key]["dtypes"] == [dtype], key
+        losses = [r[key]["losses"] for r in ranks if r[key]["losses"][0] is not None]
+        assert losses, key
+        for curve in losses:
+            assert all(x == x and abs(x) < 1e3 for x in curve), (key, curve)
+            assert curve[-1] < curve[0] - 0.3, (key, curve)
+    assert all(r["bf16_tp2"]["spread"] == 0.0 for r in ranks)
+    assert all(r["bf16_tp2"]["skipped"] == 0 and r["bf16_pp2"]["skipped"] == 0 for r in ranks)
+
+
 def test_gloo_average_all_reduce(ranks):
     """gloo has no ReduceOp.AVG; the platform runs it as a sum and a division: mean of 1x and 2x."""
     for r in ranks:
