@@ -126,6 +126,7 @@ def evaluate_run(
     import cumo_megatron.platform as platform
     from cumo_megatron.config.schema import ParallelConfig
     from cumo_megatron.models.cumo import build_model
+    from cumo_megatron.models.parallelize import place_for_inference, placement_for
     from cumo_megatron.training.checkpointing import load_weights
 
     platform.initialize(platform.ParallelSizes(), seed=cfg.seed)
@@ -134,6 +135,7 @@ def evaluate_run(
         report = load_weights(model, run_dir, cfg.model, ParallelConfig(), seed=cfg.seed)
         if report["upcycled"]:
             raise RuntimeError(f"{run_dir}: its checkpoint does not match its config.yaml (dense {report['upcycled']})")
+        model = place_for_inference(model, placement_for(cfg.model))  # the run's device and dtype
         dataset = heldout_dataset(cfg, files, image_folder)
         return heldout_loss(model, dataset, micro_batch_size or cfg.train.micro_batch_size)
     finally:

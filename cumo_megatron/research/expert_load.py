@@ -344,6 +344,7 @@ def open_checkpoint(load: PathLike) -> OpenedCheckpoint:
         return OpenedCheckpoint(model, cfg, kind, experiment)
     from cumo_megatron.config.schema import ParallelConfig
     from cumo_megatron.models.cumo import build_model
+    from cumo_megatron.models.parallelize import place_for_inference, placement_for
     from cumo_megatron.training.checkpointing import load_weights
 
     model = build_model(experiment.model, ParallelConfig())
@@ -353,6 +354,7 @@ def open_checkpoint(load: PathLike) -> OpenedCheckpoint:
             f"{report['path']} holds dense {', '.join(report['upcycled'])} weights but {config} describes MoE "
             "there: its experts would be fresh copies, not trained ones. Give the checkpoint of the MoE run"
         )
+    model = place_for_inference(model, placement_for(experiment.model))  # the run's device and dtype
     return OpenedCheckpoint(model.eval(), experiment.model, "trainer", experiment)
 
 
