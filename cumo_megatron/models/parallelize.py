@@ -53,6 +53,14 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
+def comm_device(group=None) -> torch.device:
+    """Where tensors sent through ``group``'s collectives must live: the current GPU under NCCL,
+    else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return training_device()
+    return torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where one rank's model chunk lives and in which dtype it computes."""
@@ -221,10 +229,18 @@ def broadcast_tp_replicas(model: torch.nn.Module) -> None:
         return
     group = parallel_state.get_tensor_model_parallel_group()
     src = parallel_state.get_tensor_model_parallel_src_rank()
+    # Right after the build the plain torch.nn parts still sit on the CPU, which NCCL cannot
+    # send: stage those through the current GPU.
+    comm = comm_device(group)
     with torch.no_grad():
         for module in tp_replicated_modules(model):
             for tensor in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(tensor.data, src=src, group=group)
+                if tensor.device == comm:
+                    dist.broadcast(tensor.data, src=src, group=group)
+                else:
+                    staged = tensor.data.to(comm)
+                    dist.broadcast(staged, src=src, group=group)
+                    tensor.data.copy_(staged)
 
 
 def mark_tp_replicas(sharded_state_dict: dict) -> dict:

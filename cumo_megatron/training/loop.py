@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from cumo_megatron.config.loader import ConfigError, save_config
 from cumo_megatron.config.schema import ExperimentConfig
+from cumo_megatron.models.parallelize import comm_device
 from cumo_megatron.training import checkpointing, stages
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step
 
@@ -76,13 +77,6 @@ def _kill_self() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _comm_device() -> torch.device:
-    """Where small collective tensors live: the current GPU under NCCL, else the CPU (gloo)."""
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _dp_group():
@@ -305,7 +299,7 @@ class Trainer:
         local_bad = (lm_loss is not None and not math.isfinite(lm_loss)) or any(
             not math.isfinite(v) for module in moe["modules"].values() for v in module.values()
         ) or (not fp16 and not self._grads_finite())
-        flag = torch.tensor([1.0 if local_bad else 0.0], device=_comm_device())
+        flag = torch.tensor([1.0 if local_bad else 0.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         grad_norm, lr = float("nan"), self.optimizer.param_groups[0]["lr"]
         overflow = False
@@ -348,7 +342,7 @@ class Trainer:
         flat = [lm, float(tokens), float(images)]
         flat += [modules[m][k] for m in module_keys for k in ("balance", "z_loss")]
         flat += [float(c) for key in layer_keys for c in layers[key]]
-        vec = torch.tensor(flat, dtype=torch.float64, device=_comm_device())
+        vec = torch.tensor(flat, dtype=torch.float64, device=comm_device())
         dist.all_reduce(vec, group=_dp_group())
         values = vec.tolist()
         dp = self.dp_size

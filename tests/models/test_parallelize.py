@@ -178,3 +178,12 @@ def test_placement_audit_on_a_device_other_than_the_cpu(world_of_one, monkeypatc
         assert {where(value) for value in moved.values() if value is not None} == {"simulated"}
     assert where(scale) == "simulated" and scale.shape == (1,)
     assert [n for n, p in model.named_parameters() if where(p.grad) != "simulated"] == []
+
+
+def test_collectives_use_the_gpu_under_nccl(world_of_one, monkeypatch):
+    """Small tensors of collectives (and the build-time broadcast of TP replicas, whose plain
+    torch.nn parts are still on the CPU) go through the current GPU under NCCL, the CPU under gloo."""
+    assert parallelize.comm_device() == torch.device("cpu")
+    monkeypatch.setattr(parallelize.dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(parallelize, "training_device", lambda: torch.device("cuda", 3))
+    assert parallelize.comm_device() == torch.device("cuda", 3)
