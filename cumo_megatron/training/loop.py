@@ -42,6 +42,7 @@ import torch.distributed as dist
 from cumo_megatron.config.loader import ConfigError, save_config
 from cumo_megatron.config.schema import ExperimentConfig
 from cumo_megatron.training import checkpointing, stages
+from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step
 
 
@@ -102,6 +103,7 @@ class Trainer:
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self._built = False
+        self.save_lock: Optional[SaveDirLock] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -122,6 +124,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.out = Path(train.save)
+        # Before anything is written: a second trainer on this directory stops here (`lock`).
+        self.save_lock = SaveDirLock.acquire(self.out)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -418,6 +422,7 @@ class Trainer:
                     self.save()
         finally:
             self.metrics.close()
+            self.save_lock.release()
         return rows
 
     def _check_frozen(self) -> None:
@@ -468,4 +473,6 @@ def run(cfg: ExperimentConfig) -> list[dict]:
     try:
         return trainer.train()
     finally:
+        if trainer.save_lock is not None:  # setup failed after taking it
+            trainer.save_lock.release()
         platform.destroy()
