@@ -11,6 +11,11 @@ checkpoint 2 and must repeat steps 3-4 bit for bit) and a stage-1 run at PP=2,
 whose last stage has nothing to train, saved and resumed. The stage-3 runs start from the
 shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
 a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
+
+Issue 10: the world-of-one kill and resume again with dropout on (steps draw random numbers); the
+same launch also trains stage 3 at EP=2 from a dense checkpoint (co-upcycled on load) and starts a
+2-process trainer on a save directory another process holds (`training.lock`), which both ranks
+refuse with the same message.
 """
 
 from __future__ import annotations
