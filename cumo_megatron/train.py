@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg)
+    except ConfigError as exc:  # found while setting up (e.g. the save directory is locked)
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     except TrainingDiverged as exc:
         print(f"training stopped: {exc}", file=sys.stderr)
         return 3

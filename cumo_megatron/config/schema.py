@@ -183,6 +183,10 @@ class ModelConfig:
     token_dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"  # auto: alltoall on GPU
     init_std: float = 0.02
     image_token_id: int = IMAGE_TOKEN_ID
+    # Dropout probabilities of the ViT and LLM transformer layers; 0 as
+    # in CuMo/LLaVA fine-tuning. Dropout draws from the RNG streams a checkpoint restores.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     @property
     def connector_hidden(self) -> int:
@@ -195,6 +199,9 @@ class ModelConfig:
             raise ConfigError(f"model.spec={self.spec!r} is unknown; choose one of {', '.join(SPECS)}")
         if self.fp8 is not None and self.spec != "te":
             raise ConfigError("model.fp8 needs model.spec=te (Transformer Engine)")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.connector_hidden != self.language.hidden_size:
             raise ConfigError(
                 f"connector output width {self.connector_hidden} must equal "

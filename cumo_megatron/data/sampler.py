@@ -21,6 +21,12 @@ per-modality lists with the global torch RNG), so the order is a pure function o
 Resume: the sampler's ``epoch`` and ``position`` (micro-batches of this epoch already delivered)
 are its whole state; `ResumableLoader` advances them as it *hands out* batches (not as DataLoader
 workers prefetch them), so a checkpoint records exactly what the training loop consumed.
+
+Every DataLoader iterator draws a base seed (for its workers' ``random``/numpy/torch streams);
+`ResumableLoader` gives each epoch's DataLoader its own generator seeded from
+``(seed, epoch, dp_rank)``, so iterating never advances torch's default generator (which dropout
+draws from: a run resumed mid-epoch would otherwise be one draw ahead of the uninterrupted run) and
+the workers of an epoch get the same seeds however often the run was resumed.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import hashlib
 from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from cumo_megatron.data.records import DataError
@@ -240,6 +247,12 @@ class ResumableLoader:
         )
         return cls(dataset, sampler, Collator(pad_id=pad_id, fixed_length=fixed_length), health, num_workers)
 
+    def _generator(self) -> torch.Generator:
+        """The DataLoader's own generator for the current epoch (see the module docstring)."""
+        entropy = [self.sampler.seed, self.sampler.epoch, self.sampler.dp_rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+        return torch.Generator().manual_seed(seed)
+
     def _loader(self) -> DataLoader:
         return DataLoader(
             self.dataset,
@@ -247,6 +260,7 @@ class ResumableLoader:
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            generator=self._generator(),
         )
 
     def epoch(self) -> Iterator[dict]:

@@ -42,8 +42,8 @@ def _common(model: ModelConfig) -> dict:
         pipeline_dtype=dtype,
         bf16=model.precision == "bf16",
         fp16=model.precision == "fp16",
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
         init_method_std=model.init_std,
         # Fusions are CUDA kernels or assume shapes we do not have; TE fuses on the GPU path.
         bias_activation_fusion=False,
@@ -109,6 +109,9 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> T
         tensor_model_parallel_size=1,
         sequence_parallel=False,
         pipeline_model_parallel_size=1,
+        # Only a tower with experts names an EP size (megatron rejects EP without experts): the
+        # dense twin `checkpointing.load_weights` builds to co-upcycle a stage-2 checkpoint, or a
+        # dense ViT beside an MoE LLM, shares the run's parallel.ep (`parallelize` decides).
         expert_model_parallel_size=vision_expert_parallel_size(model, parallel),
         expert_tensor_parallel_size=1,
     )

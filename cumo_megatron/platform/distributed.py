@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
@@ -140,7 +142,21 @@ def initialize(sizes: ParallelSizes = ParallelSizes(), seed: int = 1234, backend
 
 
 def seed_everything(seed: int) -> None:
-    """Seed the default generator and megatron's tracked streams (identical rules on CPU and GPU)."""
+    """Seed every random stream of this rank; the rules are the same on CPU and GPU.
+
+    - Python's `random` and numpy's global generator: ``seed + 100 * pipeline rank``, megatron's
+      training rule (pipeline stages draw different values, data-parallel replicas the same).
+    - torch's default generator (CPU, and every CUDA device's): ``seed`` on every rank. Model
+      initialisation draws from it, and every layout must build the same weights.
+    - megatron's tracked streams (model-, data- and expert-parallel; dropout inside TP regions
+      and initialisation forks): `model_parallel_cuda_manual_seed`, which offsets per TP/EP rank.
+
+    A checkpoint saves and restores all of them (`training.checkpointing.rng_state`).
+    """
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+    offset_seed = seed + 100 * pp_rank
+    random.seed(offset_seed)
+    np.random.seed(offset_seed % 2**32)  # numpy's legacy seeding takes 32 bits
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 

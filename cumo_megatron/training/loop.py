@@ -43,6 +43,7 @@ from cumo_megatron.config.loader import ConfigError, save_config
 from cumo_megatron.config.schema import ExperimentConfig
 from cumo_megatron.models.parallelize import comm_device
 from cumo_megatron.training import checkpointing, stages
+from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step
 
 
@@ -97,6 +98,7 @@ class Trainer:
         self.skipped_steps = 0  # non-finite loss or gradient (bad steps)
         self.overflow_steps = 0  # fp16 loss-scale overflows (skipped by the scaler)
         self._built = False
+        self.save_lock: Optional[SaveDirLock] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -117,6 +119,8 @@ class Trainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.out = Path(train.save)
+        # Before anything is written: a second trainer on this directory stops here (`lock`).
+        self.save_lock = SaveDirLock.acquire(self.out)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -436,6 +440,7 @@ class Trainer:
                     self.save()
         finally:
             self.metrics.close()
+            self.save_lock.release()
         return rows
 
     def _check_frozen(self) -> None:
@@ -487,4 +492,6 @@ def run(cfg: ExperimentConfig) -> list[dict]:
     try:
         return trainer.train()
     finally:
+        if trainer.save_lock is not None:  # setup failed after taking it
+            trainer.save_lock.release()
         platform.destroy()

@@ -59,6 +59,14 @@ BAD = {
         ["model.spec=apex"],
         ["model.spec='apex'", "local", "te"],
     ),
+    "hidden dropout of 1": (
+        ["model.hidden_dropout=1.0"],
+        ["model.hidden_dropout", "[0, 1)", "got 1.0"],
+    ),
+    "negative attention dropout": (
+        ["model.attention_dropout=-0.1"],
+        ["model.attention_dropout", "got -0.1"],
+    ),
 }
 
 

@@ -161,3 +161,37 @@ def test_resume_refuses_changed_data_or_layout():
         sampler(changed, img, mbs=2, dp=2).load_state_dict(state)
     with pytest.raises(DataError, match="seed"):
         sampler(lengths, img, mbs=2, dp=2, seed=1).load_state_dict(state)
+
+
+class _DrawingDataset(_IndexDataset):
+    """Each item also reports a draw from torch's default generator of the process that loads it."""
+
+    def __getitem__(self, i):
+        return (i, float(torch.rand(())))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_iterating_leaves_the_default_generator_alone(num_workers):
+    """A DataLoader iterator draws its base seed from its own generator, not torch's default one:
+    after a mid-epoch resume the default generator (dropout's stream) is where it would have been."""
+    lengths, img = data(n=20)
+    make = lambda: ResumableLoader(  # noqa: E731
+        _DrawingDataset(), sampler(lengths, img, mbs=2), _collate, num_workers=num_workers
+    )
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loader = make()
+    it = iter(loader)
+    batches = [next(it)["indices"] for _ in range(len(loader.sampler) + 2)]  # across an epoch boundary
+    if num_workers:
+        assert torch.equal(torch.get_rng_state(), before)
+        # The workers' seeds are a function of (seed, epoch, rank): a second loader's workers draw
+        # the same values, and the next epoch's workers other ones.
+        again = iter(make())
+        assert [next(again)["indices"] for _ in range(len(batches))] == batches
+        draws = lambda batch: [draw for _, draw in batch]  # noqa: E731
+        assert draws(batches[0]) != draws(batches[len(loader.sampler)])
+    else:  # the items' own draws come from the default generator, in the main process
+        torch.manual_seed(3)
+        expected = [float(torch.rand(())) for _ in range(sum(len(b) for b in batches))]
+        assert [draw for b in batches for _, draw in b] == expected

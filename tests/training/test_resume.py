@@ -11,9 +11,16 @@ checkpoint 2 and must repeat steps 3-4 bit for bit) and a stage-1 run at PP=2,
 whose last stage has nothing to train, saved and resumed. The stage-3 runs start from the
 shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
 a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
+
+Issue 10: the world-of-one kill and resume again with dropout on (steps draw random numbers); the
+same launch also trains stage 3 at EP=2 from a dense checkpoint (co-upcycled on load) and starts a
+2-process trainer on a save directory another process holds (`training.lock`), which both ranks
+refuse with the same message.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -27,7 +34,7 @@ from cumo_megatron.platform.distributed import set_cpu_threads
 from cumo_megatron.training.checkpointing import list_checkpoints, load_latest
 from cumo_megatron.training.loop import TestHooks, Trainer
 from tests.helpers.distributed import run_distributed
-from tests.training.workers import experiment, launch, model_shards, read_metrics, write_config
+from tests.training.workers import experiment, hold_lock, launch, model_shards, read_metrics, write_config
 
 KILLED = -9  # SIGKILL
 EXACT_KEYS = ("loss", "lm_loss", "grad_norm", "lr", "vision_balance", "connector_z_loss", "expert_load")
@@ -57,12 +64,11 @@ def _killed_mid_save(config, save_dir, nproc: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def world_one(dataset, init_weights, tmp_path_factory) -> dict:
-    """The world-of-one run killed while saving checkpoint 4, then resumed here to the end."""
-    root = tmp_path_factory.mktemp("resume1")
+def _killed_then_resumed(cfg: ExperimentConfig, root) -> dict:
+    """``cfg`` (saving to ``root/run``) killed while saving checkpoint 4, then resumed here to the end."""
     save = root / "run"
-    config = write_config(experiment(dataset, str(save), load=init_weights, **STEPS), root / "config.yaml")
+    cfg.train.save = str(save)
+    config = write_config(cfg, root / "config.yaml")
     out = dict(root=root, config=config, save=save, **_killed_mid_save(config, save, nproc=1))
     assert out["returncode"] == KILLED, out["output"][-4000:]
     set_cpu_threads()  # the threads the entry point gives a world of one (results depend on them)
@@ -71,6 +77,21 @@ def world_one(dataset, init_weights, tmp_path_factory) -> dict:
     out["resumed_from"] = trainer.resume_from
     out["resumed"] = read_metrics(save)  # steps 1-2 of the killed run, 3-4 of the resumed one
     return out
+
+
+@pytest.fixture(scope="module")
+def world_one(dataset, init_weights, tmp_path_factory) -> dict:
+    """The world-of-one run killed while saving checkpoint 4, then resumed here to the end."""
+    root = tmp_path_factory.mktemp("resume1")
+    return _killed_then_resumed(experiment(dataset, "", load=init_weights, **STEPS), root)
+
+
+@pytest.fixture(scope="module")
+def with_dropout(dataset, init_weights, tmp_path_factory) -> dict:
+    """`world_one` with dropout 0.1 in every layer: steps now draw random numbers."""
+    cfg = experiment(dataset, "", load=init_weights, **STEPS)
+    cfg.model.hidden_dropout = cfg.model.attention_dropout = 0.1
+    return _killed_then_resumed(cfg, tmp_path_factory.mktemp("resume-dropout"))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +123,22 @@ def two_processes(dataset, init_weights, world_one) -> dict:
         runs.append({"config": str(world_one["config"]), "restart_from": {"dir": str(root / name), "iteration": 2},
                      "overrides": [layout, f"train.save={root / f'{name}-resumed'}", "train.save_interval=2",
                                    "train.keep_last=2"]})
-    ranks = run_distributed("tests.training.workers:train_in_process", world_size=2, args={"runs": runs})
+    # Stage 3 at EP = 2 from a dense checkpoint (stage-1 and stage-2 models are the same dense
+    # architecture): the dense twin co-upcycling builds has a vision tower without experts.
+    from_dense = experiment(dataset, str(root / "ep2-from-dense"), load=str(stage1_init), train_steps=2,
+                            save_interval=0, global_batch_size=2)
+    from_dense.parallel.ep = 2
+    runs.append({"config": str(write_config(from_dense, root / "ep2-from-dense.yaml"))})
+    # A 2-process trainer on a directory another training holds: refused on both ranks.
+    runs.append({"config": str(ep2_config), "overrides": [f"train.save={root / 'locked'}"], "expect_error": True})
+    holder, _ = hold_lock(root / "locked")
+    try:
+        ranks = run_distributed("tests.training.workers:train_in_process", world_size=2, args={"runs": runs})
+    finally:
+        holder.kill()
+        holder.wait()
+    out["ep2-from-dense"] = {"rows": read_metrics(root / "ep2-from-dense"), "runs": [rank[7] for rank in ranks]}
+    out["locked"] = {"dir": root / "locked", "holder": holder.pid, "runs": [rank[8] for rank in ranks]}
     out["stage1-pp2"] = {"init": stage1_init, "save": root / "stage1-pp2",
                          "runs": [[rank[i] for rank in ranks] for i in (3, 4)]}
     for i, name in enumerate(layouts, start=5):
@@ -125,6 +161,29 @@ def _stage1_init(directory):
     platform.initialize(platform.ParallelSizes(), seed=5)
     dist_checkpointing.save(build_model(tiny_model(stage=1), ParallelConfig()).sharded_state_dict(), str(directory))
     return directory
+
+
+def test_stage3_at_ep2_from_a_dense_checkpoint(two_processes):
+    """Issue 10, fix 7: the dense twin that co-upcycling builds at EP = 2 has no vision experts and
+    must not name an expert-parallel size (megatron refused it: "num_moe_experts must be non None
+    to use expert-parallel")."""
+    run = two_processes["ep2-from-dense"]
+    assert [r["upcycled"] for r in run["runs"]] == [["vision", "connector"]] * 2
+    assert [r["iteration"] for r in run["runs"]] == [2, 2]
+    rows = run["rows"]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert set(rows[0]["expert_load"]) == {"vision.layer0", "vision.layer1", "connector"}
+
+
+def test_second_trainer_is_refused_on_every_rank(two_processes):
+    """Rank 0 takes the save-directory lock and tells every rank: both raise the same message."""
+    locked = two_processes["locked"]
+    errors = locked["runs"]
+    assert [e["error"] for e in errors] == ["SaveDirLocked"] * 2
+    assert errors[0]["message"] == errors[1]["message"]
+    assert f"train.save={locked['dir']} is in use by another training (pid {locked['holder']}@" in errors[0]["message"]
+    assert not (locked["dir"] / "config.yaml").exists()
 
 
 def test_stage1_at_pp2_trains_the_connector_only_and_resumes(two_processes):
@@ -179,6 +238,17 @@ def test_resume_after_sigkill_is_bit_exact(world_one):
     assert world_one["resumed_from"].name == "iter_0000002"
     # Steps 1-2 from the killed run, 3-4 from the resumed one: all bit-identical.
     _same_rows(world_one["resumed"], world_one["straight"])
+
+
+def test_resume_with_dropout_is_bit_exact(with_dropout, world_one):
+    """Every stream a step draws from is restored (python, numpy, torch, megatron's tracker), and
+    iterating the data does not advance torch's default generator (`data.sampler`)."""
+    straight = with_dropout["straight"]
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    # Dropout is on: the same run without it has another loss from the first step.
+    assert straight[0]["lm_loss"] != world_one["straight"][0]["lm_loss"]
+    assert with_dropout["resumed_from"].name == "iter_0000002"
+    _same_rows(with_dropout["resumed"], straight)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])

@@ -133,3 +133,14 @@ def test_stage3_starts_from_upcycled_stage2_and_trains_experts_apart(dataset, tm
     layer = moe.vision.vit.decoder.layers[0].mlp.experts.local_experts
     vit_experts = [layer[j].linear_fc1.weight for j in range(4)]
     assert any(not torch.equal(vit_experts[0], e) for e in vit_experts[1:]), "ViT experts are still copies"
+
+
+def test_dense_vision_tower_names_no_expert_parallel_size():
+    """Issue 10, fix 7: at EP = 2 a ViT without experts (the dense twin co-upcycling builds, or a
+    dense ViT beside an MoE LLM) is configured without EP; megatron refuses EP without experts."""
+    from cumo_megatron.config.schema import ParallelConfig
+    from cumo_megatron.models.transformer_configs import vision_transformer_config
+
+    ep2 = ParallelConfig(ep=2)
+    assert vision_transformer_config(tiny_model(stage=2), ep2).expert_model_parallel_size == 1
+    assert vision_transformer_config(tiny_model(stage=3), ep2).expert_model_parallel_size == 2

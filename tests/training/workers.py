@@ -161,12 +161,14 @@ def train_in_process(runs: list[dict]) -> list[dict]:
     entry point does (`parse_cli`) and resumes from ``<train.save>/latest`` when it exists. A run
     with ``"restart_from": {"dir", "iteration"}`` first gets, as its save directory, what a run
     killed right after saving that iteration would have left of ``dir`` (`left_after_save`). Returns
-    per run the checkpoint it resumed from (or None), the iteration it reached and this rank's
-    trained weights (`model_shards`).
+    per run the checkpoint it resumed from (or None), the iteration it reached, the modules its
+    ``train.load`` co-upcycled and this rank's trained weights (`model_shards`). A run with
+    ``"expect_error": True`` must fail in setup with a `ConfigError`: its entry is the error's
+    ``{"error": class name, "message": text}``.
     """
     import torch
 
-    from cumo_megatron.config.loader import parse_cli
+    from cumo_megatron.config.loader import ConfigError, parse_cli
     from cumo_megatron.config.schema import ExperimentConfig
     from cumo_megatron.training.loop import TestHooks, Trainer
 
@@ -177,9 +179,17 @@ def train_in_process(runs: list[dict]) -> list[dict]:
             if torch.distributed.get_rank() == 0:
                 left_after_save(run["restart_from"]["dir"], cfg.train.save, run["restart_from"]["iteration"])
             torch.distributed.barrier()
+        if run.get("expect_error"):
+            try:
+                Trainer(cfg, hooks=TestHooks()).setup()
+            except ConfigError as exc:
+                done.append({"error": type(exc).__name__, "message": str(exc)})
+                continue
+            raise AssertionError(f"{run} was expected to fail in setup")
         trainer = Trainer(cfg, hooks=TestHooks()).setup()
         trainer.train()
         done.append({"resumed_from": trainer.resume_from, "iteration": trainer.iteration,
+                     "upcycled": trainer.load_report["upcycled"] if trainer.load_report else None,
                      "shards": model_shards(trainer.model)})
     return done
 
@@ -212,3 +222,33 @@ def model_shards(model) -> list[tuple]:
 
     return [(t.key, t.global_shape, t.global_slice(), t.data.detach().clone())
             for t in nested_values(model.sharded_state_dict()) if isinstance(t, ShardedTensor)]
+
+
+_HOLDER = """
+import os, sys, time
+from cumo_megatron.training.lock import SaveDirLock
+lock = SaveDirLock.acquire(sys.argv[1])
+child = os.fork() if sys.argv[2] == "fork" else 0
+if child == 0 and sys.argv[2] == "fork":
+    time.sleep(600)  # a helper process the trainer started (inherits the lock file's descriptor)
+    os._exit(0)
+print("locked", child, flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(directory: str | Path, fork_child: bool = False) -> tuple[subprocess.Popen, int]:
+    """A process holding ``directory``'s save lock (`training.lock`), as a running trainer would.
+
+    With ``fork_child`` it first forks a child that lives on, as DataLoader workers and megatron's
+    checkpoint-writer helpers do. Returns the process and the child's pid (0 without one); the
+    caller kills both.
+    """
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(directory), "fork" if fork_child else "-"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    if line[:1] != ["locked"]:
+        proc.kill()
+        raise AssertionError(f"the lock holder did not start: {line}")
+    return proc, int(line[1])
