@@ -273,7 +273,7 @@ def check_transformer_engine(cfg: ExperimentConfig) -> None:
         needs.append(f"model.fp8={cfg.model.fp8}")
     if needs and not transformer_engine_available():
         raise LaunchError(
-            f"{' and '.join(needs)} need Transformer Engine, which is not installed here; "
+            f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} Transformer Engine, which is not installed here; "
             "install transformer-engine[pytorch], or run without it: model.spec=local model.fp8=null"
         )
 
