@@ -5,8 +5,11 @@ started, they end up here, and everything a user sets comes from the environment
 
 - **bash style** (``bash examples/stage3.sh [overrides]`` on every node): `launch` resolves the YAML
   config, checks that it fits ``NNODES * GPUS_PER_NODE`` GPUs, and ``exec``s
-  ``torchrun --nnodes .. --nproc-per-node .. --node-rank .. --master-addr .. --master-port ..
-  -m cumo_megatron.train --config FILE overrides..``;
+  ``torchrun --nnodes .. --nproc-per-node .. RENDEZVOUS -m cumo_megatron.train --config FILE
+  overrides..``, where RENDEZVOUS is ``--node-rank .. --master-addr .. --master-port ..`` (static,
+  the default) or ``--rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT --rdzv-id ..``
+  (``RDZV_BACKEND=c10d``: torchrun ignores the static flags under c10d, and without an endpoint
+  every node would meet only itself on localhost);
 - **Python style** (``torchrun ... examples/stage3.sh [overrides]``: torchrun hands the file to
   ``python`` once per rank): `run_rank` resolves the same config and overrides, checks them against
   torchrun's ``WORLD_SIZE``, and calls ``cumo_megatron.train.main(["--config", FILE, *overrides])``.
@@ -19,7 +22,11 @@ Environment (all optional):
 ``MASTER_ADDR``     host of node 0 (localhost); bash style only
 ``MASTER_PORT``     rendezvous port on MASTER_ADDR (29500); bash style only
 ``GPUS_PER_NODE``   processes per node (8); bash style only
-``TORCHRUN``        the launcher command (``torchrun``); ``TORCHRUN_ARGS``: extra launcher flags
+``RDZV_BACKEND``    ``static`` (default) or ``c10d``; ``--rdzv-backend`` in TORCHRUN_ARGS means the
+                    same (the two must agree); bash style only
+``RDZV_ID``         c10d job id, the same on every node (``cumo-stage{N}``); bash style only
+``TORCHRUN``        the launcher command (``torchrun``); ``TORCHRUN_ARGS``: extra launcher flags,
+                    not those the launcher sets (`OWNED_FLAGS`)
 ``MODEL``           ``cumo-7b-mistral`` (default), ``cumo-7b-vicuna`` or ``cumo-8x7b``: picks
                     ``configs/stage{N}_{model}.yaml`` beside the script
 ``CONFIG``          a YAML file to use instead (any path)
@@ -36,6 +43,11 @@ Environment (all optional):
 
 Overrides apply in this order, later winning: the YAML file, the path variables above,
 ``EXTRA_ARGS``, then the script's own command-line arguments.
+
+Before anything starts, both styles refuse a config that needs Transformer Engine
+(``model.spec=te``, ``model.fp8``) where ``transformer_engine`` cannot be imported, and bash style
+warns on stderr when ``NNODES > 1`` meets on a loopback ``MASTER_ADDR``. The multi-node and SLURM
+commands of ``examples/README.md`` are the ones ``tests/examples`` runs.
 
 This module imports no torch: a dry run or a rejected layout costs well under a second.
 """
@@ -193,10 +205,14 @@ class Rendezvous:
             )
         backend = from_env or from_args or "static"
         if backend not in RDZV_BACKENDS:
-            raise LaunchError(f"rendezvous backend {backend!r} is not supported; set RDZV_BACKEND=static or c10d")
+            raise LaunchError(
+                f"rendezvous backend {backend!r} is not supported; set RDZV_BACKEND=static or c10d"
+            )
         run_id = env.get("RDZV_ID", "").strip()
         if run_id and backend == "static":
-            raise LaunchError(f"RDZV_ID={run_id} is used by c10d rendezvous only; set RDZV_BACKEND=c10d or unset RDZV_ID")
+            raise LaunchError(
+                f"RDZV_ID={run_id} is used by c10d rendezvous only; set RDZV_BACKEND=c10d or unset RDZV_ID"
+            )
         return cls(backend=backend, run_id=run_id or f"cumo-stage{stage}", torchrun_args=tuple(rest))
 
 
@@ -207,7 +223,9 @@ def _take_backend(args: Sequence[str]) -> tuple[str, list[str]]:
         arg = args[i]
         name = _flag_name(arg) if arg.startswith("--") else ""
         if name in OWNED_FLAGS:
-            raise LaunchError(f"TORCHRUN_ARGS must not set {name}; the launcher sets it from {OWNED_FLAGS[name]}")
+            raise LaunchError(
+                f"TORCHRUN_ARGS must not set {name}; the launcher sets it from {OWNED_FLAGS[name]}"
+            )
         if name != "--rdzv-backend":
             rest.append(arg)
         elif "=" in arg:
@@ -216,7 +234,9 @@ def _take_backend(args: Sequence[str]) -> tuple[str, list[str]]:
             i += 1
             backend = args[i]
         else:
-            raise LaunchError("TORCHRUN_ARGS ends with --rdzv-backend and no value; set RDZV_BACKEND=c10d instead")
+            raise LaunchError(
+                "TORCHRUN_ARGS ends with --rdzv-backend and no value; set RDZV_BACKEND=c10d instead"
+            )
         i += 1
     return backend, rest
 
@@ -272,8 +292,9 @@ def check_transformer_engine(cfg: ExperimentConfig) -> None:
     if cfg.model.fp8:
         needs.append(f"model.fp8={cfg.model.fp8}")
     if needs and not transformer_engine_available():
+        verb = "needs" if len(needs) == 1 else "need"
         raise LaunchError(
-            f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} Transformer Engine, which is not installed here; "
+            f"{' and '.join(needs)} {verb} Transformer Engine, which is not installed here; "
             "install transformer-engine[pytorch], or run without it: model.spec=local model.fp8=null"
         )
 

@@ -5,7 +5,7 @@ Two launchers of ``examples/stage2.sh`` started at once, each with ``NNODES=2``,
 node running 2 processes (``NNODES=1 GPUS_PER_NODE=2``): the same losses, bit for bit, step by
 step. Both rendezvous kinds the launcher emits are run that way: static (``--node-rank``,
 ``--master-addr``) and c10d (``--rdzv-endpoint MASTER_ADDR:MASTER_PORT``). The tiny CPU model
-trains 2 steps with gloo; each launch takes some 15-30 s.
+trains 2 steps with gloo; each launch takes some 30 s on 2 cores.
 """
 
 from __future__ import annotations
