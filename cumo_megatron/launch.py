@@ -5,8 +5,11 @@ started, they end up here, and everything a user sets comes from the environment
 
 - **bash style** (``bash examples/stage3.sh [overrides]`` on every node): `launch` resolves the YAML
   config, checks that it fits ``NNODES * GPUS_PER_NODE`` GPUs, and ``exec``s
-  ``torchrun --nnodes .. --nproc-per-node .. --node-rank .. --master-addr .. --master-port ..
-  -m cumo_megatron.train --config FILE overrides..``;
+  ``torchrun --nnodes .. --nproc-per-node .. RENDEZVOUS -m cumo_megatron.train --config FILE
+  overrides..``, where RENDEZVOUS is ``--node-rank .. --master-addr .. --master-port ..`` (static,
+  the default) or ``--rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT --rdzv-id ..``
+  (``RDZV_BACKEND=c10d``: torchrun ignores the static flags under c10d, and without an endpoint
+  every node would meet only itself on localhost);
 - **Python style** (``torchrun ... examples/stage3.sh [overrides]``: torchrun hands the file to
   ``python`` once per rank): `run_rank` resolves the same config and overrides, checks them against
   torchrun's ``WORLD_SIZE``, and calls ``cumo_megatron.train.main(["--config", FILE, *overrides])``.
@@ -19,7 +22,11 @@ Environment (all optional):
 ``MASTER_ADDR``     host of node 0 (localhost); bash style only
 ``MASTER_PORT``     rendezvous port on MASTER_ADDR (29500); bash style only
 ``GPUS_PER_NODE``   processes per node (8); bash style only
-``TORCHRUN``        the launcher command (``torchrun``); ``TORCHRUN_ARGS``: extra launcher flags
+``RDZV_BACKEND``    ``static`` (default) or ``c10d``; ``--rdzv-backend`` in TORCHRUN_ARGS means the
+                    same (the two must agree); bash style only
+``RDZV_ID``         c10d job id, the same on every node (``cumo-stage{N}``); bash style only
+``TORCHRUN``        the launcher command (``torchrun``); ``TORCHRUN_ARGS``: extra launcher flags,
+                    not those the launcher sets (`OWNED_FLAGS`)
 ``MODEL``           ``cumo-7b-mistral`` (default), ``cumo-7b-vicuna`` or ``cumo-8x7b``: picks
                     ``configs/stage{N}_{model}.yaml`` beside the script
 ``CONFIG``          a YAML file to use instead (any path)
@@ -37,11 +44,17 @@ Environment (all optional):
 Overrides apply in this order, later winning: the YAML file, the path variables above,
 ``EXTRA_ARGS``, then the script's own command-line arguments.
 
+Before anything starts, both styles refuse a config that needs Transformer Engine
+(``model.spec=te``, ``model.fp8``) where ``transformer_engine`` cannot be imported, and bash style
+warns on stderr when ``NNODES > 1`` meets on a loopback ``MASTER_ADDR``. The multi-node and SLURM
+commands of ``examples/README.md`` are the ones ``tests/examples`` runs.
+
 This module imports no torch: a dry run or a rejected layout costs well under a second.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -139,6 +152,151 @@ class Nodes:
         if nodes.master_port > 65535:
             raise LaunchError(f"MASTER_PORT={nodes.master_port} is not a TCP port")
         return nodes
+
+
+RDZV_BACKENDS = ("static", "c10d")
+# torchrun flags the launcher derives from NNODES, GPUS_PER_NODE, NODE_RANK, MASTER_ADDR,
+# MASTER_PORT and RDZV_ID (canonical spelling -> the variable to set instead): a second copy in
+# TORCHRUN_ARGS would silently win over them (argparse keeps the last one).
+OWNED_FLAGS = {
+    "--nnodes": "NNODES",
+    "--nproc-per-node": "GPUS_PER_NODE",
+    "--node-rank": "NODE_RANK",
+    "--master-addr": "MASTER_ADDR",
+    "--master-port": "MASTER_PORT",
+    "--rdzv-endpoint": "MASTER_ADDR and MASTER_PORT",
+    "--rdzv-id": "RDZV_ID",
+    "--standalone": "NNODES=1 (the default)",
+}
+_LOOPBACK = {"localhost", "::1", "[::1]"}
+
+
+def _flag_name(arg: str) -> str:
+    """``--rdzv_backend=c10d`` -> ``--rdzv-backend`` (torchrun takes both spellings, ``=`` or not)."""
+    return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How this job's nodes meet (bash style), and the other TORCHRUN_ARGS flags."""
+
+    backend: str = "static"
+    run_id: str = ""  # c10d only: the same on every node of one job
+    torchrun_args: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], stage: int) -> "Rendezvous":
+        """Read ``RDZV_BACKEND``, ``RDZV_ID`` and ``TORCHRUN_ARGS`` (which may name the backend).
+
+        ``--rdzv-backend`` in TORCHRUN_ARGS counts as RDZV_BACKEND (the two must agree) and is
+        moved out of the extra flags; flags the launcher sets itself are refused there. The
+        default id, ``cumo-stage{N}``, is the same on every node.
+        """
+        try:
+            args = shlex.split(env.get("TORCHRUN_ARGS", ""))
+        except ValueError as err:
+            raise LaunchError(f"TORCHRUN_ARGS cannot be split like a command line: {err}") from None
+        from_args, rest = _take_backend(args)
+        from_env = env.get("RDZV_BACKEND", "").strip()
+        if from_env and from_args and from_env != from_args:
+            raise LaunchError(
+                f"RDZV_BACKEND={from_env} but TORCHRUN_ARGS has --rdzv-backend {from_args}; "
+                "set only RDZV_BACKEND"
+            )
+        backend = from_env or from_args or "static"
+        if backend not in RDZV_BACKENDS:
+            raise LaunchError(
+                f"rendezvous backend {backend!r} is not supported; set RDZV_BACKEND=static or c10d"
+            )
+        run_id = env.get("RDZV_ID", "").strip()
+        if run_id and backend == "static":
+            raise LaunchError(
+                f"RDZV_ID={run_id} is used by c10d rendezvous only; set RDZV_BACKEND=c10d or unset RDZV_ID"
+            )
+        return cls(backend=backend, run_id=run_id or f"cumo-stage{stage}", torchrun_args=tuple(rest))
+
+
+def _take_backend(args: Sequence[str]) -> tuple[str, list[str]]:
+    """(the ``--rdzv-backend`` value in ``args`` or "", the other args); refuses `OWNED_FLAGS`."""
+    backend, rest, i = "", [], 0
+    while i < len(args):
+        arg = args[i]
+        name = _flag_name(arg) if arg.startswith("--") else ""
+        if name in OWNED_FLAGS:
+            raise LaunchError(
+                f"TORCHRUN_ARGS must not set {name}; the launcher sets it from {OWNED_FLAGS[name]}"
+            )
+        if name != "--rdzv-backend":
+            rest.append(arg)
+        elif "=" in arg:
+            backend = arg.split("=", 1)[1]
+        elif i + 1 < len(args):
+            i += 1
+            backend = args[i]
+        else:
+            raise LaunchError(
+                "TORCHRUN_ARGS ends with --rdzv-backend and no value; set RDZV_BACKEND=c10d instead"
+            )
+        i += 1
+    return backend, rest
+
+
+def rendezvous_flags(nodes: Nodes, rdzv: Rendezvous) -> list[str]:
+    """torchrun flags that make ``nodes.nnodes`` launchers on different hosts form one job.
+
+    Static (torchrun's default): node ``NODE_RANK`` joins the store on MASTER_ADDR:MASTER_PORT.
+    c10d: torchrun ignores --master-addr/--master-port/--node-rank and, without
+    --rdzv-endpoint, meets on localhost:29400, i.e. every node alone; so the endpoint is
+    MASTER_ADDR:MASTER_PORT and node ranks are assigned as the nodes arrive.
+    """
+    if rdzv.backend == "static":
+        return ["--node-rank", str(nodes.node_rank), "--master-addr", nodes.master_addr,
+                "--master-port", str(nodes.master_port)]
+    host = nodes.master_addr
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6: host:port needs the brackets
+    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{host}:{nodes.master_port}",
+            "--rdzv-id", rdzv.run_id]
+
+
+def loopback_warning(nodes: Nodes) -> Optional[str]:
+    """A warning when several nodes would meet on a loopback MASTER_ADDR (each on itself)."""
+    addr = nodes.master_addr
+    if nodes.nnodes == 1 or not (addr in _LOOPBACK or addr.startswith("127.")):
+        return None
+    return (
+        f"warning: NNODES={nodes.nnodes} but MASTER_ADDR={addr}: nodes other than node 0 would "
+        "connect to themselves; set MASTER_ADDR to the host name of node 0"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Transformer Engine
+# --------------------------------------------------------------------------- #
+
+
+def transformer_engine_available() -> bool:
+    """Whether ``transformer_engine`` can be imported here (found, not imported: no torch)."""
+    try:
+        return importlib.util.find_spec("transformer_engine") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_transformer_engine(cfg: ExperimentConfig) -> None:
+    """Refuse a config that needs Transformer Engine where it is not installed.
+
+    Otherwise every rank would start, import torch and megatron, then die on the same ImportError.
+    """
+    needs = [f"model.spec={cfg.model.spec}"] if cfg.model.spec == "te" else []
+    if cfg.model.fp8:
+        needs.append(f"model.fp8={cfg.model.fp8}")
+    if needs and not transformer_engine_available():
+        verb = "needs" if len(needs) == 1 else "need"
+        raise LaunchError(
+            f"{' and '.join(needs)} {verb} Transformer Engine, which is not installed here; "
+            "install transformer-engine[pytorch], or run without it: model.spec=local model.fp8=null"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -333,36 +491,40 @@ def resolve(
 
 
 def torchrun_command(
-    nodes: Nodes, config: str, overrides: Sequence[str], env: Mapping[str, str]
+    nodes: Nodes, rdzv: "Rendezvous", config: str, overrides: Sequence[str], env: Mapping[str, str]
 ) -> list[str]:
-    """The command one node runs: torchrun with static rendezvous on MASTER_ADDR:MASTER_PORT."""
+    """The command one node runs: torchrun with this node's rendezvous flags (`rendezvous_flags`)."""
     launcher = shlex.split(env.get("TORCHRUN", "").strip() or "torchrun")
     return [
         *launcher,
         "--nnodes", str(nodes.nnodes),
         "--nproc-per-node", str(nodes.gpus_per_node),
-        "--node-rank", str(nodes.node_rank),
-        "--master-addr", nodes.master_addr,
-        "--master-port", str(nodes.master_port),
-        *shlex.split(env.get("TORCHRUN_ARGS", "")),
+        *rendezvous_flags(nodes, rdzv),
+        *rdzv.torchrun_args,
         "-m", TRAIN_MODULE,
         *train_argv(config, overrides),
     ]
 
 
 def launch(stage: int, script: str, argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
-           out: TextIO = sys.stdout) -> int:
+           out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """Bash style: check the config against NNODES*GPUS_PER_NODE and exec torchrun on this node.
 
-    Prints the environment it sets and the exact command (a shell snippet) first; with
-    ``DRY_RUN=1`` that is all it does. Returns only in a dry run (the exec replaces the process).
+    Warns on ``err`` when several nodes would meet on a loopback MASTER_ADDR. Prints the
+    environment it sets and the exact command (a shell snippet) first; with ``DRY_RUN=1`` that
+    is all it does. Returns only in a dry run (the exec replaces the process).
     """
     env = dict(os.environ if env is None else env)
     nodes = Nodes.from_env(env)
+    rdzv = Rendezvous.from_env(env, stage)
     config, overrides, cfg = resolve(stage, script, argv, env)
     source = f"NNODES={nodes.nnodes} x GPUS_PER_NODE={nodes.gpus_per_node}"
     layout = world_layout(cfg, nodes.world_size, source)
-    command = torchrun_command(nodes, config, overrides, env)
+    check_transformer_engine(cfg)
+    warning = loopback_warning(nodes)
+    if warning:
+        print(f"{os.path.basename(script)}: {warning}", file=err, flush=True)
+    command = torchrun_command(nodes, rdzv, config, overrides, env)
     added = {k: v for k, v in RANK_ENV_DEFAULTS.items() if k not in env}
     # The ranks run `-m cumo_megatron.train`: let them import the package this launcher uses,
     # installed or not.
@@ -371,7 +533,10 @@ def launch(stage: int, script: str, argv: Sequence[str], env: Optional[Mapping[s
     if package_root not in python_path.split(os.pathsep):
         added["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, python_path) if p)
     env.update(added)
-    print(f"# node {nodes.node_rank} of {nodes.nnodes}: {describe(cfg, layout)}", file=out)
+    where = f"node {nodes.node_rank} of {nodes.nnodes}"
+    if rdzv.backend == "c10d":
+        where = f"one of {nodes.nnodes} nodes (c10d assigns node ranks)"
+    print(f"# {where}: {describe(cfg, layout)}", file=out)
     for key, value in added.items():
         print(f"export {key}={shlex.quote(value)}", file=out)
     print(shlex.join(command), file=out, flush=True)
@@ -404,6 +569,7 @@ def run_rank(stage: int, script: str, argv: Sequence[str], env: Optional[Mapping
     if "WORLD_SIZE" not in env:
         source = "no WORLD_SIZE: start this file with torchrun, or with bash"
     layout = world_layout(cfg, world, source)
+    check_transformer_engine(cfg)
     for key, value in RANK_ENV_DEFAULTS.items():
         env.setdefault(key, value)
     args = train_argv(config, overrides)

@@ -40,7 +40,7 @@ TEMPLATES = {"cumo_7b_mistral": "mistral_instruct", "cumo_7b_vicuna": "vicuna_v1
 LAUNCH_VARIABLES = (
     "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "MODEL", "CONFIG",
     "DATA_JSON", "EVAL_JSON", "IMAGE_FOLDER", "TOKENIZER", "CKPT_DIR", "LOAD", "SAVE", "EXTRA_ARGS",
-    "TORCHRUN", "TORCHRUN_ARGS", "DRY_RUN", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+    "TORCHRUN", "TORCHRUN_ARGS", "RDZV_BACKEND", "RDZV_ID", "DRY_RUN", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
     "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_AVOID_RECORD_STREAMS",
 )
 
@@ -167,9 +167,9 @@ def _torchrun_line(stdout: str) -> list[str]:
     return shlex.split(lines[0])
 
 
-def test_bash_style_dry_run_prints_the_multi_node_torchrun_command(tmp_path):
+def test_bash_style_dry_run_prints_the_multi_node_torchrun_command(te_found):
     env = clean_env(
-        DRY_RUN="1", NNODES="4", NODE_RANK="2", MASTER_ADDR="node0.cluster", MASTER_PORT="6001",
+        DRY_RUN="1", PYTHONPATH=te_found, NNODES="4", NODE_RANK="2", MASTER_ADDR="node0.cluster", MASTER_PORT="6001",
         GPUS_PER_NODE="8", MODEL="cumo-8x7b",
         DATA_JSON="/data/a.json, /data/b b.jsonl:0.5", IMAGE_FOLDER="/data/images", TOKENIZER="/hf/mixtral",
         CKPT_DIR="/ckpt/x", EXTRA_ARGS="train.train_steps=10 'train.save_interval=5'",
@@ -198,8 +198,8 @@ def test_bash_style_dry_run_prints_the_multi_node_torchrun_command(tmp_path):
     assert (cfg.train.train_steps, cfg.train.save_interval, cfg.train.lr) == (10, 5, 1e-5)
 
 
-def test_bash_style_defaults_and_refusals():
-    result = run_script(["bash", str(SCRIPTS[1])], clean_env(DRY_RUN="1"))
+def test_bash_style_defaults_and_refusals(te_found):
+    result = run_script(["bash", str(SCRIPTS[1])], clean_env(DRY_RUN="1", PYTHONPATH=te_found))
     assert result.returncode == 0, result.stderr
     assert _torchrun_line(result.stdout) == [
         "torchrun", "--nnodes", "1", "--nproc-per-node", "8", "--node-rank", "0",
@@ -215,7 +215,7 @@ def test_bash_style_defaults_and_refusals():
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
-def test_bash_style_execs_torchrun_with_the_rank_environment(monkeypatch):
+def test_bash_style_execs_torchrun_with_the_rank_environment(monkeypatch, te_installed):
     calls = []
     monkeypatch.setattr(launch.os, "execvpe", lambda file, args, env: calls.append((file, args, env)))
     out = io.StringIO()
@@ -251,10 +251,10 @@ def _train_argv(stdout: str) -> list[str]:
 
 @pytest.mark.parametrize("stage,model,world", [(1, "cumo-7b-vicuna", 16), (2, "cumo-7b-mistral", 8),
                                                (3, "cumo-8x7b", 32)])
-def test_python_style_dry_run_prints_the_trainer_argv(stage, model, world):
+def test_python_style_dry_run_prints_the_trainer_argv(stage, model, world, te_found):
     # As torchrun starts each rank; NNODES=1 is ignored in this style (torchrun's world wins).
     env = clean_env(
-        DRY_RUN="1", RANK="5", WORLD_SIZE=str(world), LOCAL_RANK="5", LOCAL_WORLD_SIZE="8",
+        DRY_RUN="1", PYTHONPATH=te_found, RANK="5", WORLD_SIZE=str(world), LOCAL_RANK="5", LOCAL_WORLD_SIZE="8",
         MASTER_ADDR="node0", MASTER_PORT="29500", NNODES="1", MODEL=model,
         IMAGE_FOLDER="/data/images", LOAD="/ckpt/in", EXTRA_ARGS="train.log_interval=1",
     )
@@ -267,7 +267,7 @@ def test_python_style_dry_run_prints_the_trainer_argv(stage, model, world):
     assert f"# rank 5 of {world} (local rank 5)" in result.stdout
 
 
-def test_python_style_calls_the_trainer(monkeypatch):
+def test_python_style_calls_the_trainer(monkeypatch, te_installed):
     calls = []
     fake = types.ModuleType("cumo_megatron.train")
     fake.main = lambda argv: calls.append(list(argv)) or 0
