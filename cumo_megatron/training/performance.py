@@ -21,7 +21,11 @@ What is on by default with CUDA, and why the rest is not:
   apex's ``FusedLayerNorm`` (our norms are torch or TE's, and torch's asserts it is off).
 - ``overlap_grad_reduce`` (DDP reduces buckets during backward) and ``overlap_param_gather``
   (the distributed optimizer's all-gather runs in the next forward's pre-hooks; needs
-  ``train.distributed_optimizer``): on with CUDA. They also run on gloo (tested on CPU).
+  ``train.distributed_optimizer``, and megatron-LM also asks for the first): **off unless asked
+  for**. megatron's overlapped reduction counts every parameter's gradient in the last
+  micro-batch of a step and asserts on the next ``zero_grad_buffer`` when one never came; a
+  text-only micro-batch never runs the vision tower or the connector, so a LLaVA data mix breaks
+  it (seen on gloo). Turn them on for data where every micro-batch has an image.
 - ``variable_seq_lengths``: under PP every micro-batch is padded to its own longest sample and
   megatron's schedule sends each shape before the tensor, instead of padding everything to
   ``data.max_length``. On wherever PP > 1, CPU included, except for an MoE LLM with the
@@ -118,8 +122,9 @@ def throughput_settings(cfg, cuda: bool, te: bool, apex: bool = False) -> Throug
         )
     return ThroughputSettings(
         **fusion_settings(model, cuda, te, apex),
-        overlap_grad_reduce=_pick(train.overlap_grad_reduce, cuda),
-        overlap_param_gather=_pick(train.overlap_param_gather, cuda) and train.distributed_optimizer,
+        # Off by default: text-only micro-batches leave the towers without gradients (docstring).
+        overlap_grad_reduce=_pick(train.overlap_grad_reduce, False),
+        overlap_param_gather=_pick(train.overlap_param_gather, False) and train.distributed_optimizer,
         variable_seq_lengths=parallel.pp > 1 and _pick(train.variable_seq_lengths, not llm_allgather),
         async_save=False,
     )

@@ -34,13 +34,15 @@ def test_cuda_with_te_turns_on_what_the_specs_support():
     on = throughput_settings(_cfg(pp=2), cuda=True, te=True, apex=True)
     assert on.bias_activation_fusion and on.bias_dropout_fusion and on.apply_rope_fusion
     assert on.gradient_accumulation_fusion and on.moe_permute_fusion
-    assert on.overlap_grad_reduce and on.overlap_param_gather and on.variable_seq_lengths
+    assert on.variable_seq_lengths
+    # Overlaps only when asked for: a text-only micro-batch gives the towers no gradient.
+    assert not on.overlap_grad_reduce and not on.overlap_param_gather
     # No kernel of ours reads these two; async saves are not wired (performance.ASYNC_SAVE_NOTE).
     assert not on.masked_softmax_fusion and not on.persist_layer_norm and not on.async_save
     without = throughput_settings(_cfg(), cuda=True, te=False)
     assert not without.apply_rope_fusion and not without.moe_permute_fusion  # TE kernels
     assert not without.gradient_accumulation_fusion  # ColumnParallelLinear needs apex's extension
-    assert without.bias_dropout_fusion and without.overlap_grad_reduce
+    assert without.bias_dropout_fusion
 
 
 def test_knobs_override_the_automatic_choice():
@@ -51,7 +53,8 @@ def test_knobs_override_the_automatic_choice():
     forced_on = throughput_settings(_cfg(overlap_grad_reduce=True, overlap_param_gather=True), cuda=False, te=False)
     assert forced_on.overlap_grad_reduce and forced_on.overlap_param_gather
     # The parameter gather overlap belongs to the distributed optimizer.
-    assert not throughput_settings(_cfg(distributed_optimizer=False), cuda=True, te=True).overlap_param_gather
+    assert not throughput_settings(_cfg(distributed_optimizer=False, overlap_param_gather=True),
+                                   cuda=True, te=True).overlap_param_gather
 
 
 def test_moe_llm_with_allgather_keeps_fixed_lengths():

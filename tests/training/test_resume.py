@@ -5,8 +5,7 @@ Each world size has one run through the real entry point (``python -m cumo_megat
 4: its metrics are the uninterrupted reference for steps 1-4, and its directory is what a run
 killed mid-save leaves (``latest`` still names checkpoint 2). The same command's configuration is
 then restarted from there, and steps 3-4 must come out bit-identical: in this process for the
-world of one, and on the 2 ranks of one `run_distributed` launch for EP=2 (restarted with the GPU
-defaults ``overlap_grad_reduce`` and ``overlap_param_gather`` on), which goes on to train
+world of one, and on the 2 ranks of one `run_distributed` launch for EP=2, which goes on to train
 the TP=2 and PP=2 layouts (compared with the world-of-one loss curve; each is restarted from its
 checkpoint 2 and must repeat steps 3-4 bit for bit; PP=2 with variable sequence lengths, the
 default) and a stage-1 run at PP=2 with fixed-length micro-batches, whose last stage has nothing
@@ -87,10 +86,7 @@ def two_processes(dataset, init_weights, world_one) -> dict:
     # torchrun exits 1 and reports the ranks' signal.
     assert out["ep2"]["returncode"] != 0 and "SIGKILL" in out["ep2"]["output"], out["ep2"]["output"][-4000:]
     layouts = {"tp2": "parallel.tp=2", "pp2": "parallel.pp=2"}
-    # The restart overlaps gradient reduction and parameter gathers (DP = 2 for the dense weights):
-    # steps 3-4 must still repeat the synchronous run's bit for bit.
-    overlap = ["train.overlap_grad_reduce=true", "train.overlap_param_gather=true"]
-    runs = [{"config": str(ep2_config), "overrides": overlap}] + [
+    runs = [{"config": str(ep2_config)}] + [
         {"config": str(world_one["config"]),
          "overrides": [layout, f"train.save={root / name}", "train.save_interval=2", "train.keep_last=2"]}
         for name, layout in layouts.items()
