@@ -285,9 +285,10 @@ class TrainConfig:
     loss_scale_window: int = 1000
     loss_scale_hysteresis: int = 2
     min_loss_scale: float = 1.0
-    # Throughput switches (training.performance); None: automatic (overlaps off: a text-only
-    # micro-batch leaves the towers without gradients, which megatron's overlapped reduce refuses;
-    # variable sequence lengths wherever parallel.pp > 1 allows them).
+    # Throughput switches (training.performance); None: automatic (overlaps off: megatron's
+    # overlapped reduce needs a gradient for every parameter in every step's last micro-batch, and
+    # text-only micro-batches and token-less connector experts give none; variable sequence
+    # lengths wherever parallel.pp > 1 allows them).
     overlap_grad_reduce: Optional[bool] = None
     overlap_param_gather: Optional[bool] = None  # needs distributed_optimizer
     variable_seq_lengths: Optional[bool] = None

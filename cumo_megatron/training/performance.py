@@ -23,9 +23,13 @@ What is on by default with CUDA, and why the rest is not:
   (the distributed optimizer's all-gather runs in the next forward's pre-hooks; needs
   ``train.distributed_optimizer``, and megatron-LM also asks for the first): **off unless asked
   for**. megatron's overlapped reduction counts every parameter's gradient in the last
-  micro-batch of a step and asserts on the next ``zero_grad_buffer`` when one never came; a
-  text-only micro-batch never runs the vision tower or the connector, so a LLaVA data mix breaks
-  it (seen on gloo). Turn them on for data where every micro-batch has an image.
+  micro-batch of a step and asserts on the next ``zero_grad_buffer`` when one never came. Ours
+  do not always come: a text-only micro-batch never runs the vision tower or the connector, and
+  the connector's MoE skips an expert that gets no token (both seen on gloo, also with images in
+  every micro-batch). The switches work once every trainable parameter gets a gradient in every
+  micro-batch (e.g. experts run on empty inputs); until then they stay opt-in. Where that holds
+  (stage 2, images in every sample) they match the synchronous run on gloo, saves included
+  (`models.parallelize.params_gathered`; tests/training/test_overlap.py).
 - ``variable_seq_lengths``: under PP every micro-batch is padded to its own longest sample and
   megatron's schedule sends each shape before the tensor, instead of padding everything to
   ``data.max_length``. On wherever PP > 1, CPU included, except for an MoE LLM with the
@@ -122,7 +126,7 @@ def throughput_settings(cfg, cuda: bool, te: bool, apex: bool = False) -> Throug
         )
     return ThroughputSettings(
         **fusion_settings(model, cuda, te, apex),
-        # Off by default: text-only micro-batches leave the towers without gradients (docstring).
+        # Off by default: some parameters get no gradient in a micro-batch (module docstring).
         overlap_grad_reduce=_pick(train.overlap_grad_reduce, False),
         overlap_param_gather=_pick(train.overlap_param_gather, False) and train.distributed_optimizer,
         variable_seq_lengths=parallel.pp > 1 and _pick(train.variable_seq_lengths, not llm_allgather),
