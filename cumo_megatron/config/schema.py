@@ -181,6 +181,7 @@ class ModelConfig:
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
     recompute: Optional[Literal["full", "selective"]] = None
     token_dispatcher: Literal["auto", "allgather", "alltoall"] = "auto"  # auto: alltoall on GPU
+    fusions: Optional[bool] = None  # fused kernels where the spec supports them; None: on with CUDA
     init_std: float = 0.02
     image_token_id: int = IMAGE_TOKEN_ID
     # Dropout probabilities of the ViT and LLM transformer layers; 0 as
@@ -202,6 +203,10 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        # megatron's FP8 sits on top of its bf16/fp16 mixed precision (Float16Module weights,
+        # fp32 main parameters; fp8_utils casts main params to "bf16/fp16" before quantizing).
+        if self.fp8 is not None and self.precision == "fp32":
+            raise ConfigError("model.fp8 needs model.precision=bf16 (or fp16); set model.fp8=null for fp32")
         if self.connector_hidden != self.language.hidden_size:
             raise ConfigError(
                 f"connector output width {self.connector_hidden} must equal "
@@ -287,6 +292,13 @@ class TrainConfig:
     loss_scale_window: int = 1000
     loss_scale_hysteresis: int = 2
     min_loss_scale: float = 1.0
+    # Throughput switches (training.performance); None: automatic (overlaps off: megatron's
+    # overlapped reduce needs a gradient for every parameter in every step's last micro-batch, and
+    # text-only micro-batches and token-less connector experts give none; variable sequence
+    # lengths wherever parallel.pp > 1 allows them).
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None  # needs distributed_optimizer
+    variable_seq_lengths: Optional[bool] = None
 
     def validate(self) -> None:
         """Positive sizes and a sane schedule."""
@@ -306,6 +318,8 @@ class TrainConfig:
             )
         if self.loss_scale_window < 1 or self.loss_scale_hysteresis < 1:
             raise ConfigError("train.loss_scale_window and train.loss_scale_hysteresis must be >= 1")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ConfigError("train.overlap_param_gather=true needs train.distributed_optimizer=true")
 
 
 @dataclass
@@ -321,6 +335,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Checks that need both the model and the parallel layout."""
         check_parallel_layout(self.model, self.parallel)
+        check_sequence_length(self.model, self.parallel, self.data)
 
 
 def check_parallel_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
@@ -350,3 +365,24 @@ def check_parallel_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
         raise ConfigError("parallel.ep > 1 needs an MoE module (vision.moe or language.moe)")
     if tp > 1 and not parallel.use_sequence_parallel and (lang.moe is not None):
         raise ConfigError("MoE with parallel.tp > 1 requires sequence parallelism (megatron-core)")
+
+
+def check_sequence_length(model: ModelConfig, parallel: ParallelConfig, data: DataConfig) -> None:
+    """Raise `ConfigError` if ``data.max_length`` cannot be a pipeline's fixed sequence length.
+
+    Under pipeline parallelism without variable sequence lengths every micro-batch is padded to
+    ``data.max_length``, which must then be a multiple of `models.fp8.sequence_multiple` (TP under
+    sequence parallelism, times 16 or 32 under FP8). Checked whenever PP > 1, so that the run
+    stays valid whichever way the variable-length decision goes.
+    """
+    from cumo_megatron.models.fp8 import fp8_align, nearest_multiple, sequence_multiple
+
+    multiple = sequence_multiple(model, parallel)
+    if parallel.pp > 1 and data.max_length % multiple:
+        why = [f"sequence parallelism over parallel.tp={parallel.tp}"] if parallel.use_sequence_parallel else []
+        if model.fp8 is not None:
+            why.append(f"model.fp8_recipe={model.fp8_recipe} needs {fp8_align(model.fp8_recipe)}")
+        raise ConfigError(
+            f"data.max_length={data.max_length} must be a multiple of {multiple} with parallel.pp={parallel.pp} "
+            f"({'; '.join(why)}): use data.max_length={nearest_multiple(data.max_length, multiple)}"
+        )

@@ -29,7 +29,9 @@ lives, in which dtype and on which ranks* is answered here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -279,6 +281,11 @@ def wrap_ddp(
     """megatron DDP around a placed chunk, with `finalize_model_grads` wired into its config.
 
     Gradients are reduced in fp32 whatever the compute dtype (megatron-LM's default for bf16).
+    With ``overlap_grad_reduce`` the schedule gets DDP's ``no_sync`` (no reduction before the last
+    micro-batch) and ``start_grad_sync`` (bucket reductions start during the last backward), as
+    megatron-LM wires them; ``finalize_model_grads`` waits for them. ``overlap_param_gather``
+    (distributed optimizer only) defers the all-gather of updated weights to forward pre-hooks of
+    the next step: see `params_gathered` before reading the weights outside a forward.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -294,4 +301,25 @@ def wrap_ddp(
     )
     wrapped = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk)
     chunk.config.finalize_model_grads_func = finalize_model_grads
+    chunk.config.no_sync_func = wrapped.no_sync if overlap_grad_reduce else None
+    chunk.config.grad_sync_func = wrapped.start_grad_sync if overlap_grad_reduce else None
     return wrapped
+
+
+@contextlib.contextmanager
+def params_gathered(ddp) -> Iterator[None]:
+    """Within the block the model holds this step's updated weights on every DP rank.
+
+    Under ``overlap_param_gather`` the distributed optimizer's all-gather of updated weights runs
+    in forward pre-hooks; a checkpoint save reads the weights outside a forward. As megatron-LM
+    does around saves, the hooks are removed (which gathers synchronously) and put back after.
+    A no-op without overlapped gathers.
+    """
+    if not getattr(ddp, "use_forward_hook", False):
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()

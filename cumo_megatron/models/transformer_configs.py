@@ -9,8 +9,10 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from cumo_megatron.config.schema import MoEConfig, ModelConfig, ParallelConfig
+from cumo_megatron.models.fp8 import fp8_fields
 from cumo_megatron.models.parallelize import language_expert_parallel_size, vision_expert_parallel_size
 from cumo_megatron.platform import cpu
+from cumo_megatron.training.performance import fusion_fields
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SHAPE_ONLY = False
@@ -35,7 +37,7 @@ def shape_only_build() -> Iterator[None]:
         _SHAPE_ONLY = previous
 
 
-def _common(model: ModelConfig) -> dict:
+def _common(model: ModelConfig, tower: str) -> dict:
     dtype = _DTYPES[model.precision]
     fields = dict(
         params_dtype=dtype,
@@ -54,8 +56,11 @@ def _common(model: ModelConfig) -> dict:
         gradient_accumulation_fusion=False,
         moe_permute_fusion=False,
     )
-    if model.fp8 is not None:
-        fields.update(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
+    # The fusion values above are the CPU ones; with CUDA those the spec supports are switched on.
+    fields.update(fusion_fields(model, tower))
+    # Only the LLM runs under FP8: the ViT's 577 tokens per crop and the connector's image tokens
+    # are not multiples of 16 (models.fp8).
+    fields.update(fp8_fields(model, tower))
     if model.recompute == "full":
         fields.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif model.recompute == "selective":
@@ -93,7 +98,7 @@ def _moe_fields(model: ModelConfig, moe: MoEConfig | None, ffn: int) -> dict:
 def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """ViT layers: LayerNorm, biased linears, quick_gelu/gelu MLP, no mask; TP = 1 (replicated)."""
     vision = model.vision
-    fields = _common(model)
+    fields = _common(model, "vision")
     fields.update(
         num_layers=vision.built_layers,
         hidden_size=vision.hidden_size,
@@ -122,7 +127,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> T
 def connector_transformer_config(model: ModelConfig) -> TransformerConfig:
     """Config handed to the connector's router (hidden size = connector input width)."""
     moe = model.connector.moe
-    fields = _common(model)
+    fields = _common(model, "connector")
     fields.update(
         num_layers=1,
         hidden_size=model.vision.feature_channels,
@@ -139,7 +144,7 @@ def connector_transformer_config(model: ModelConfig) -> TransformerConfig:
 def language_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
     """LLaMA/Mistral/Mixtral: RMSNorm, SwiGLU, RoPE, GQA, no biases; full TP/SP/PP/EP."""
     lang = model.language
-    fields = _common(model)
+    fields = _common(model, "language")
     fields.update(
         num_layers=lang.num_layers,
         hidden_size=lang.hidden_size,

@@ -798,7 +798,8 @@ def token_counts(metrics_path, tokens_per_image: int) -> tuple[int, int]:
         if line.error is not None:
             raise ValueError(f"{metrics_path} line {line.number} is not JSON ({line.error})")
         images += int(line.value["images"])
-        tokens += int(line.value["tokens"])
+        # Padded positions: padding costs compute (``tokens`` counts real tokens only; older files lack it).
+        tokens += int(line.value.get("tokens_padded", line.value["tokens"]))
     d_img = images * tokens_per_image
     return d_img, tokens - d_img
 

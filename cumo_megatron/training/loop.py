@@ -10,7 +10,9 @@ One `Trainer` runs one stage (`train.stage`) of one experiment:
    ``warmup_fraction`` of the steps, cosine decay to ``min_lr``);
 3. data: `LlavaDataset` + `ResumableLoader` sharded by the data-parallel rank; a step is
    ``global_batch_size / (micro_batch_size * dp)`` micro-batches through megatron's schedule;
-   under pipeline parallelism every micro-batch is padded to ``data.max_length``;
+   each micro-batch is padded to its longest sample, rounded up to `models.fp8.sequence_multiple`
+   (or, under pipeline parallelism without variable sequence lengths, to ``data.max_length``);
+   fusions and overlaps follow `performance.throughput_settings`;
 4. resume from ``<train.save>/latest`` when it exists (model, optimizer, scheduler, data position,
    RNG: the continued run is bit-identical to an uninterrupted one);
 5. per step: non-finite loss or gradient -> the update is skipped and counted; ``max_bad_steps``
@@ -40,11 +42,11 @@ import torch
 import torch.distributed as dist
 
 from cumo_megatron.config.loader import ConfigError, save_config
-from cumo_megatron.config.schema import ExperimentConfig
+from cumo_megatron.config.schema import ExperimentConfig, check_sequence_length
 from cumo_megatron.models.parallelize import comm_device
-from cumo_megatron.training import checkpointing, stages
+from cumo_megatron.training import checkpointing, performance, stages
 from cumo_megatron.training.lock import SaveDirLock
-from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step
+from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step, real_and_padded_tokens
 
 
 class TrainingDiverged(RuntimeError):
@@ -141,11 +143,19 @@ class Trainer:
         # checkpoint; a resumed run finds them in the checkpoint it resumes from.
         self.provenance = self.resume_from or (Path(self.load_report["path"]) if self.load_report else None)
         self.freeze_counts = stages.apply_stage(self.model, train.stage)
+        self.throughput = performance.machine_throughput_settings(cfg)
+        # Read by megatron's p2p communication only (it then sends each tensor's shape first); set
+        # here rather than in the TransformerConfig, whose check refuses it for any config with
+        # the all-gather dispatcher, the default of a dense LLM that has no dispatcher at all
+        # (`throughput_settings` refuses the MoE case that matters).
+        self.model.config.variable_seq_lengths = self.throughput.variable_seq_lengths
         # Device, training dtype and TP-replica rules: `models.parallelize` decides them all.
         self.placement = parallelize.placement_for(cfg.model)
         self.ddp = parallelize.wrap_ddp(
             parallelize.place(self.model, self.placement),
             use_distributed_optimizer=train.distributed_optimizer,
+            overlap_grad_reduce=self.throughput.overlap_grad_reduce,
+            overlap_param_gather=self.throughput.overlap_param_gather,
         )
         self.optimizer = build_optimizer(
             [self.ddp],
@@ -153,6 +163,7 @@ class Trainer:
             weight_decay=train.weight_decay,
             clip_grad=train.clip_grad,
             use_distributed_optimizer=train.distributed_optimizer,
+            overlap_param_gather=self.throughput.overlap_param_gather,
             precision=cfg.model.precision,
             betas=(train.adam_beta1, train.adam_beta2),
             min_lr=train.min_lr,
@@ -203,6 +214,7 @@ class Trainer:
         from cumo_megatron.data.dataset import DataHealth, dataset_for_run
         from cumo_megatron.data.sampler import LengthGroupedBatchSampler, ResumableLoader
         from cumo_megatron.data.tokenizer import load_tokenizer
+        from cumo_megatron.models.fp8 import sequence_multiple
 
         cfg, data = self.cfg, self.cfg.data
         if not data.files:
@@ -216,19 +228,17 @@ class Trainer:
                 f"model.language.vocab_size={cfg.model.language.vocab_size}"
             )
         dataset = dataset_for_run(cfg, data.files, tokenizer)
-        tp = self.cfg.parallel.tp
-        self.fixed_length = data.max_length if self.cfg.parallel.pp > 1 else None
-        if self.fixed_length is not None and self.fixed_length % tp:
-            raise ConfigError(
-                f"data.max_length={data.max_length} must be divisible by parallel.tp={tp} "
-                "(pipeline stages exchange fixed-length, sequence-parallel activations)"
-            )
+        # Pipeline stages exchange fixed-length activations unless megatron sends shapes first.
+        fixed = self.cfg.parallel.pp > 1 and not self.throughput.variable_seq_lengths
+        self.fixed_length = data.max_length if fixed else None
+        check_sequence_length(cfg.model, cfg.parallel, data)  # also for configs built in code
         sampler = LengthGroupedBatchSampler(
             dataset.lengths(), dataset.has_image(), self.cfg.train.micro_batch_size,
             self.dp_size, self.dp_rank, self.cfg.seed, data.grouping,
         )
-        # Sequence parallelism splits the sequence over TP ranks: pad to a multiple of tp.
-        collator = Collator(pad_id=tokenizer.pad_id, fixed_length=self.fixed_length, pad_to_multiple_of=tp)
+        # Sequence parallelism splits the sequence over TP ranks, FP8 GEMMs need 16/32 tokens a rank.
+        collator = Collator(pad_id=tokenizer.pad_id, fixed_length=self.fixed_length,
+                            pad_to_multiple_of=sequence_multiple(cfg.model, cfg.parallel))
         return ResumableLoader(dataset, sampler, collator, DataHealth(), data.num_workers)
 
     def _total_steps(self) -> int:
@@ -323,7 +333,7 @@ class Trainer:
         return {"lm_loss": lm_loss, "moe": moe, "grad_norm": grad_norm, "lr": lr,
                 "skipped": bool(flag.item()) or overflow, "overflow": overflow, "loss_scale": loss_scale}
 
-    def _reduce_report(self, result: dict, tokens: int, images: int) -> dict:
+    def _reduce_report(self, result: dict, tokens: int, images: int, tokens_padded: int = 0) -> dict:
         """Combine per-rank results into the reporting rank's row (collective on every rank)."""
         from megatron.core import parallel_state
 
@@ -343,7 +353,7 @@ class Trainer:
         module_keys = sorted(modules)
         layer_keys = sorted(layers)
         lm = result["lm_loss"] if result["lm_loss"] is not None else 0.0
-        flat = [lm, float(tokens), float(images)]
+        flat = [lm, float(tokens), float(images), float(tokens_padded)]
         flat += [modules[m][k] for m in module_keys for k in ("balance", "z_loss")]
         flat += [float(c) for key in layer_keys for c in layers[key]]
         vec = torch.tensor(flat, dtype=torch.float64, device=comm_device())
@@ -352,7 +362,7 @@ class Trainer:
         dp = self.dp_size
         row = {"lm_loss": values[0] / dp if result["lm_loss"] is not None else None}
         tokens_all, images_all = values[1], values[2]
-        pos = 3
+        pos = 4
         total_aux = 0.0
         coeffs = {"vision": self.cfg.model.vision.moe, "connector": self.cfg.model.connector.moe,
                   "language": self.cfg.model.language.moe}
@@ -371,7 +381,8 @@ class Trainer:
             pos += n
         row["loss"] = row["lm_loss"] + total_aux if row["lm_loss"] is not None else None
         row["expert_load"] = expert_load
-        row["tokens"] = int(tokens_all)
+        row["tokens"] = int(tokens_all)  # real tokens (no padding): what tokens/s and TFLOP/s count
+        row["tokens_padded"] = int(values[3])  # sequence positions processed, padding included
         row["images"] = int(images_all)
         return row
 
@@ -387,7 +398,7 @@ class Trainer:
             while self.iteration < self.total_steps:
                 start = time.perf_counter()
                 microbatches = [next(data_iter) for _ in range(self.num_microbatches)]
-                tokens = sum(int(mb["input_ids"].numel()) for mb in microbatches)
+                tokens, tokens_padded = real_and_padded_tokens(microbatches)
                 images = sum(0 if mb["images"] is None else int(mb["images"].shape[0]) for mb in microbatches)
                 result = self.train_step(microbatches)
                 self.iteration += 1
@@ -395,7 +406,7 @@ class Trainer:
                 if self.frozen_fingerprint is not None:
                     self._check_frozen()  # once per run: a frozen weight must never move
                     self.frozen_fingerprint = None
-                row = self._reduce_report(result, tokens, images)
+                row = self._reduce_report(result, tokens, images, tokens_padded)
                 elapsed = time.perf_counter() - start
                 flops = model_flops_per_step(self.param_counts, self.cfg.model, train.stage,
                                              row["tokens"], row["images"])
@@ -458,7 +469,19 @@ class Trainer:
             if during:
                 _kill_self()
 
-        path = checkpointing.save_checkpoint(
+        from cumo_megatron.models.parallelize import params_gathered
+
+        # With overlapped parameter gathers the last step's updated weights reach the model only in
+        # the next forward: gather them now (megatron-LM does the same around its saves).
+        with params_gathered(self.ddp):
+            path = self._save_checkpoint(before_commit)
+        self.provenance = path  # carries the same records; the older checkpoint may be pruned
+        if self.hooks.kill_after_save == self.iteration:
+            _kill_self()
+        return path
+
+    def _save_checkpoint(self, before_commit) -> Path:
+        return checkpointing.save_checkpoint(
             self.out,
             self.iteration,
             self.model,
@@ -478,10 +501,6 @@ class Trainer:
             keep_last=self.cfg.train.keep_last,
             before_commit=before_commit,
         )
-        self.provenance = path  # carries the same records; the older checkpoint may be pruned
-        if self.hooks.kill_after_save == self.iteration:
-            _kill_self()
-        return path
 
 
 def run(cfg: ExperimentConfig) -> list[dict]:

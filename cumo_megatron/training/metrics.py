@@ -3,10 +3,14 @@
 Only the reporting rank writes (`MetricsWriter(enabled=...)`). On resume the JSONL file is cut
 back to the resumed step, so the file always reads as one uninterrupted run.
 
-Model FLOPs are estimated from parameter counts (`model_flops_per_step`): 6 x active parameters x
-tokens for what is trained (forward + backward), 2x for a frozen ViT (forward only); the LLM is
-always counted at 6x since gradients flow back through it to the connector even when frozen
-(DESIGN.md section 2's compute model).
+Throughput counts real tokens only: ``tokens`` (and so ``tokens_per_s`` and the TFLOP/s) leaves
+out padding (`real_and_padded_tokens`, from the batch's ``padding_mask``); ``tokens_padded`` is
+every sequence position processed, padding included.
+
+Model FLOPs are estimated from parameter counts (`model_flops_per_step`), per token through each
+module: 6 x active parameters for what is trained (forward 2, input gradients 2, weight gradients
+2); in stage 1 the frozen LLM 4x (forward and the input gradients that carry the loss back to the
+connector, no weight gradients) and the frozen ViT 2x (forward only: nothing before it trains).
 """
 
 from __future__ import annotations
@@ -122,6 +126,17 @@ class MetricsWriter:
             self._tb = None
 
 
+def real_and_padded_tokens(microbatches) -> tuple[int, int]:
+    """``(real, padded)`` LLM token counts of ``microbatches``: positions that are not padding
+    (``padding_mask`` False; image placeholders count), and all positions."""
+    real = padded = 0
+    for mb in microbatches:
+        padded += int(mb["input_ids"].numel())
+        mask = mb.get("padding_mask")
+        real += int(mb["input_ids"].numel() if mask is None else (~mask).sum())
+    return real, padded
+
+
 def model_flops_per_step(
     counts,
     model_cfg,
@@ -132,16 +147,18 @@ def model_flops_per_step(
     """Estimated model FLOPs of one optimizer step.
 
     ``counts`` is a `models.params.ParamCounts` (whole model, active parameters); ``text_tokens``
-    the LLM sequence positions processed (images included, as placeholders expanded) and
-    ``images`` the number of images encoded in the step (all ranks together).
+    the real LLM tokens processed (image placeholders included, padding not) and ``images`` the
+    number of images encoded in the step (all ranks together). Stage 1 trains only the connector:
+    the ViT runs forward (2 FLOPs per parameter and token), the LLM forward and input-gradient
+    backward (4); everything trained costs 6.
     """
     vision = model_cfg.vision
     crops = sum(s * s for s in vision.s2_scales)
     vit_tokens = images * crops * (vision.patches_per_side**2 + 1)
-    vit_factor = 2 if stage == 1 else 6  # frozen ViT: forward only
+    vit_factor, llm_factor = (2, 4) if stage == 1 else (6, 6)
     connector_tokens = images * vision.tokens_per_image
     return float(
         vit_factor * counts.vision.active * vit_tokens
         + 6 * counts.connector.active * connector_tokens
-        + 6 * counts.language.active * text_tokens
+        + llm_factor * counts.language.active * text_tokens
     )

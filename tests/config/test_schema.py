@@ -67,6 +67,28 @@ BAD = {
         ["model.attention_dropout=-0.1"],
         ["model.attention_dropout", "got -0.1"],
     ),
+    "fp8 in fp32": (
+        ["model.spec=te", "model.fp8=hybrid"],
+        ["model.fp8", "model.precision=bf16"],
+    ),
+    "pipeline length not a multiple of tp": (
+        ["parallel.tp=2", "parallel.pp=2", "data.max_length=2047"],
+        ["data.max_length=2047", "multiple of 2", "parallel.tp=2", "use data.max_length=2048"],
+    ),
+    "pipeline length not a multiple of fp8 x tp": (
+        ["model.spec=te", "model.precision=bf16", "model.fp8=hybrid", "parallel.tp=2", "parallel.pp=2",
+         "data.max_length=2000"],
+        ["data.max_length=2000", "multiple of 32", "model.fp8_recipe=delayed needs 16", "use data.max_length=2016"],
+    ),
+    "pipeline length not a multiple of mxfp8": (
+        ["model.spec=te", "model.precision=bf16", "model.fp8=e4m3", "model.fp8_recipe=mxfp8", "parallel.pp=2",
+         "data.max_length=2040"],
+        ["data.max_length=2040", "multiple of 32", "mxfp8 needs 32", "use data.max_length=2048"],
+    ),
+    "overlapped gathers without the distributed optimizer": (
+        ["train.overlap_param_gather=true", "train.distributed_optimizer=false"],
+        ["train.overlap_param_gather", "train.distributed_optimizer=true"],
+    ),
 }
 
 

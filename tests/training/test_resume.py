@@ -7,8 +7,9 @@ killed mid-save leaves (``latest`` still names checkpoint 2). The same command's
 then restarted from there, and steps 3-4 must come out bit-identical: in this process for the
 world of one, and on the 2 ranks of one `run_distributed` launch for EP=2, which goes on to train
 the TP=2 and PP=2 layouts (compared with the world-of-one loss curve; each is restarted from its
-checkpoint 2 and must repeat steps 3-4 bit for bit) and a stage-1 run at PP=2,
-whose last stage has nothing to train, saved and resumed. The stage-3 runs start from the
+checkpoint 2 and must repeat steps 3-4 bit for bit; PP=2 with variable sequence lengths, the
+default) and a stage-1 run at PP=2 with fixed-length micro-batches, whose last stage has nothing
+to train, saved and resumed. The stage-3 runs start from the
 shared ``init_weights``, so the layouts load the same weights, resharded. Every final checkpoint is
 a model checkpoint: `ours.load_model_checkpoint` loads the 2-process ones at world of one.
 
@@ -34,7 +35,9 @@ from cumo_megatron.platform.distributed import set_cpu_threads
 from cumo_megatron.training.checkpointing import list_checkpoints, load_latest
 from cumo_megatron.training.loop import TestHooks, Trainer
 from tests.helpers.distributed import run_distributed
-from tests.training.workers import experiment, hold_lock, launch, model_shards, read_metrics, write_config
+from tests.training.workers import (
+    MAX_LENGTH, experiment, hold_lock, launch, model_shards, read_metrics, write_config,
+)
 
 KILLED = -9  # SIGKILL
 EXACT_KEYS = ("loss", "lm_loss", "grad_norm", "lr", "vision_balance", "connector_z_loss", "expert_load")
@@ -117,7 +120,9 @@ def two_processes(dataset, init_weights, world_one) -> dict:
                         save_interval=2, keep_last=2, global_batch_size=2, lr=1e-2, warmup_fraction=0.0)
     stage1.parallel.pp = 2
     stage1_config = write_config(stage1, root / "stage1-pp2.yaml")
-    runs += [{"config": str(stage1_config)}, {"config": str(stage1_config), "overrides": ["train.train_steps=4"]}]
+    fixed = "train.variable_seq_lengths=false"  # every micro-batch padded to data.max_length
+    runs += [{"config": str(stage1_config), "overrides": [fixed]},
+             {"config": str(stage1_config), "overrides": [fixed, "train.train_steps=4"]}]
     # The TP = 2 and PP = 2 runs restarted from what a kill right after their checkpoint 2 would have left.
     for name, layout in layouts.items():
         runs.append({"config": str(world_one["config"]), "restart_from": {"dir": str(root / name), "iteration": 2},
@@ -206,6 +211,16 @@ def test_stage1_at_pp2_trains_the_connector_only_and_resumes(two_processes):
     initial = _assembled(init_model)
     changed = {key for key, value in final.items() if not torch.equal(value, initial[key])}
     assert changed and all("connector" in key for key in changed), sorted(changed)
+
+
+def test_pipeline_micro_batches_have_variable_or_fixed_lengths(two_processes):
+    """PP = 2 pads each micro-batch to its own longest sample by default (megatron sends shapes),
+    or every one to data.max_length with variable_seq_lengths off; tokens count no padding."""
+    samples_per_step = 2  # global batch
+    variable = two_processes["pp2"]["rows"]
+    fixed = read_metrics(two_processes["stage1-pp2"]["save"])
+    assert all(r["tokens"] <= r["tokens_padded"] < samples_per_step * MAX_LENGTH for r in variable)
+    assert all(r["tokens"] < r["tokens_padded"] == samples_per_step * MAX_LENGTH for r in fixed)
 
 
 def test_uninterrupted_run_learns_and_keeps_last_checkpoints(world_one):

@@ -1,0 +1,150 @@
+"""Throughput settings: which fusions and overlaps a run uses, decided in one place.
+
+`throughput_settings` decides from the config and from what the machine has (``cuda``, ``te``:
+Transformer Engine importable, ``apex``: apex's ``fused_weight_gradient_mlp_cuda`` importable), so
+the CUDA branch is testable on a CPU. Config knobs override the automatic choice (``None`` =
+auto): ``model.fusions``, ``train.overlap_grad_reduce``, ``train.overlap_param_gather``,
+``train.variable_seq_lengths``.
+
+What is on by default with CUDA, and why the rest is not:
+
+- ``bias_dropout_fusion`` (both specs use megatron's ``get_bias_dropout_add``) and
+  ``bias_activation_fusion`` where megatron's MLP can fuse the activation: the LLM's SwiGLU and a
+  gelu ViT; not CLIP's quick_gelu (megatron fuses quick_gelu only in gated MLPs and refuses it
+  otherwise).
+- ``apply_rope_fusion`` and ``moe_permute_fusion``: Transformer Engine kernels (TE >= 1.4 /
+  2.1), so only when TE is importable, whatever the spec; the LLM only (the ViT has no RoPE).
+- ``gradient_accumulation_fusion``: every ``ColumnParallelLinear`` (the LLM's output layer under
+  either spec) refuses it without apex's ``fused_weight_gradient_mlp_cuda``; on only with apex.
+- ``masked_softmax_fusion`` and ``persist_layer_norm``: never. The first only reaches megatron's
+  own ``DotProductAttention`` (the local spec uses SDPA, TE its fused attention); the second only
+  apex's ``FusedLayerNorm`` (our norms are torch or TE's, and torch's asserts it is off).
+- ``overlap_grad_reduce`` (DDP reduces buckets during backward) and ``overlap_param_gather``
+  (the distributed optimizer's all-gather runs in the next forward's pre-hooks; needs
+  ``train.distributed_optimizer``, and megatron-LM also asks for the first): **off unless asked
+  for**. megatron's overlapped reduction counts every parameter's gradient in the last
+  micro-batch of a step and asserts on the next ``zero_grad_buffer`` when one never came. Ours
+  do not always come: a text-only micro-batch never runs the vision tower or the connector, and
+  the connector's MoE skips an expert that gets no token (both seen on gloo, also with images in
+  every micro-batch). The switches work once every trainable parameter gets a gradient in every
+  micro-batch (e.g. experts run on empty inputs); until then they stay opt-in. Where that holds
+  (stage 2, images in every sample) they match the synchronous run on gloo, saves included
+  (`models.parallelize.params_gathered`; tests/training/test_overlap.py).
+- ``variable_seq_lengths``: under PP every micro-batch is padded to its own longest sample and
+  megatron's schedule sends each shape before the tensor, instead of padding everything to
+  ``data.max_length``. On wherever PP > 1, CPU included, except for an MoE LLM with the
+  all-gather dispatcher (it all-gathers tokens over EP ranks, which need equal counts; megatron
+  refuses the pair).
+- Asynchronous checkpoint saves: off (`ASYNC_SAVE_NOTE`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from cumo_megatron.config.loader import ConfigError
+
+ASYNC_SAVE_NOTE = (
+    "megatron-core's async dist_checkpointing save returns an AsyncRequest whose finalize must run "
+    "before training.checkpointing renames iter_N.tmp, writes the per-rank RNG/loader files and moves "
+    "`latest`; doing that in a later step (with the kill and NaN hooks that rely on the synchronous order) "
+    "needs a GPU run to verify, so saves stay synchronous"
+)
+
+_FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+            "persist_layer_norm", "gradient_accumulation_fusion", "moe_permute_fusion")
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine is importable."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def apex_wgrad_available() -> bool:
+    """Whether apex's fused weight-gradient accumulation extension is importable."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+@dataclass(frozen=True)
+class ThroughputSettings:
+    """The resolved fusion and overlap switches of one run (`throughput_settings`)."""
+
+    bias_activation_fusion: bool = False
+    bias_dropout_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    apply_rope_fusion: bool = False
+    persist_layer_norm: bool = False
+    gradient_accumulation_fusion: bool = False
+    moe_permute_fusion: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    variable_seq_lengths: bool = False
+    async_save: bool = False
+
+    def fusion_fields(self, model, tower: str) -> dict:
+        """TransformerConfig fusion fields for ``tower`` (``language``, ``vision``, ``connector``).
+
+        The connector is plain torch modules: no megatron kernel reads its config's fusions.
+        """
+        fields = {name: getattr(self, name) for name in _FUSIONS}
+        if tower == "connector":
+            return {name: False for name in _FUSIONS}
+        if tower == "vision":
+            fields["bias_activation_fusion"] &= model.vision.activation == "gelu"
+            fields["apply_rope_fusion"] = False
+        return fields
+
+
+def resolved_dispatcher(model, cuda: bool) -> str:
+    """The MoE token dispatcher the run uses (``model.token_dispatcher``, auto: all-to-all on CUDA)."""
+    if model.token_dispatcher != "auto":
+        return model.token_dispatcher
+    return "alltoall" if cuda else "allgather"
+
+
+def _pick(knob, auto: bool) -> bool:
+    return auto if knob is None else bool(knob)
+
+
+def fusion_settings(model, cuda: bool, te: bool, apex: bool) -> dict:
+    """The fusion switches (before the per-tower rules of `ThroughputSettings.fusion_fields`)."""
+    fuse = _pick(model.fusions, cuda)
+    return dict(bias_activation_fusion=fuse, bias_dropout_fusion=fuse, apply_rope_fusion=fuse and te,
+                gradient_accumulation_fusion=fuse and apex, moe_permute_fusion=fuse and te)
+
+
+def throughput_settings(cfg, cuda: bool, te: bool, apex: bool = False) -> ThroughputSettings:
+    """The throughput settings of ``cfg`` (an `ExperimentConfig`) on a machine with/without CUDA,
+    Transformer Engine and apex's weight-gradient extension (module docstring: the rules)."""
+    model, train, parallel = cfg.model, cfg.train, cfg.parallel
+    llm_allgather = model.language.moe is not None and resolved_dispatcher(model, cuda) == "allgather"
+    if train.variable_seq_lengths and parallel.pp > 1 and llm_allgather:
+        raise ConfigError(
+            "train.variable_seq_lengths=true with an MoE LLM needs model.token_dispatcher=alltoall "
+            "(megatron's all-gather dispatcher needs equal token counts on the EP ranks)"
+        )
+    return ThroughputSettings(
+        **fusion_settings(model, cuda, te, apex),
+        # Off by default: some parameters get no gradient in a micro-batch (module docstring).
+        overlap_grad_reduce=_pick(train.overlap_grad_reduce, False),
+        overlap_param_gather=_pick(train.overlap_param_gather, False) and train.distributed_optimizer,
+        variable_seq_lengths=parallel.pp > 1 and _pick(train.variable_seq_lengths, not llm_allgather),
+        async_save=False,
+    )
+
+
+def machine_throughput_settings(cfg) -> ThroughputSettings:
+    """`throughput_settings` for this machine."""
+    from cumo_megatron.platform import cpu
+
+    return throughput_settings(cfg, cpu.cuda_available(), te_available(), apex_wgrad_available())
+
+
+def fusion_fields(model, tower: str) -> dict:
+    """Fusion fields of ``tower``'s TransformerConfig on this machine (``model.fusions`` honoured)."""
+    from cumo_megatron.platform import cpu
+
+    settings = ThroughputSettings(**fusion_settings(model, cpu.cuda_available(), te_available(),
+                                                    apex_wgrad_available()))
+    return settings.fusion_fields(model, tower)
