@@ -55,6 +55,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,15 +77,18 @@ LR = 3e-3
 SEED = 1234
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, matched in order against
-# `torch.cuda.get_device_name()` (the PCIe and NVL H100s before the plain "H100" of the SXM part).
+# `torch.cuda.get_device_name()` (the PCIe and NVL H100s before the plain "H100" of the SXM part;
+# "H200" also matches GH200, the same Hopper peak).
 PEAK_BF16_TFLOPS = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H200", 989.0),
     ("H100", 989.0),
-    ("GH200", 989.0),
     ("A100", 312.0),
 )
+# The whole run must end inside 8 minutes on the GPU machine: a further spec of the big shape (TE)
+# is skipped when the time so far plus the last spec's duration would pass this.
+BUDGET_S = 7 * 60
 
 
 @dataclass
@@ -457,25 +461,44 @@ def transformer_engine_version() -> str | None:
 def big_shapes(args: argparse.Namespace, on_gpu: bool, device_name: str | None) -> list[dict]:
     """Throughput of the ~1B shape (or its CPU stand-in): local spec, and TE when it imports.
 
-    A failure (out of memory, a kernel error) is recorded in the shape's result, not raised, so the
-    JSON still reports everything else.
+    A failure (out of memory, a kernel error) is recorded in the shape's result (`attempt`).
     """
     model_cfg, shape = big_shape(on_gpu, args)
     specs = ["local"] + (["te"] if on_gpu and transformer_engine_version() else [])
     results = []
+    last_s = 0.0
     for spec in specs:
+        if time.perf_counter() - STARTED + last_s > BUDGET_S:
+            log(f"{shape.name} ({spec}) skipped: it would end past the {BUDGET_S} s budget")
+            results.append({"shape": shape.name, "spec": spec, "skipped": f"time budget {BUDGET_S} s"})
+            continue
         model_cfg.spec = spec
-        try:
-            results.append(throughput(model_cfg, shape, args.steps, device_name))
-        except Exception as error:  # noqa: BLE001 - reported in the JSON and failed as a check
-            log(f"{shape.name} ({spec}) failed: {type(error).__name__}: {error}")
-            results.append({"shape": shape.name, "spec": spec, "error": f"{type(error).__name__}: {error}",
-                            "finite": False})
-        release_memory()  # after the except block: its traceback no longer holds the failed run
+        spec_start = time.perf_counter()
+        results.append(attempt(f"{shape.name} ({spec})", throughput, model_cfg, shape, args.steps, device_name,
+                               failed={"shape": shape.name, "spec": spec, "finite": False}))
+        last_s = time.perf_counter() - spec_start
     return results
 
 
 # --------------------------------------------------------------------------- main
+
+
+def attempt(what: str, func, *args, failed: dict | None = None) -> dict:
+    """``func(*args)``, or, when it raises, ``failed`` plus the error (and ``pass: False``).
+
+    The first run on a new GPU is the one most likely to break somewhere: one failing part must
+    not cost the JSON of the others.
+    """
+    start = time.perf_counter()
+    try:
+        return func(*args)
+    except Exception as error:  # noqa: BLE001 - reported in the JSON and failed as a check
+        log(f"{what} failed: {type(error).__name__}: {error}")
+        traceback.print_exc(file=sys.stderr)
+        return dict(failed or {}, error=f"{type(error).__name__}: {error}", **{"pass": False})
+    finally:
+        release_memory()  # a failed run is freed once its traceback is gone
+        log(f"{what}: {time.perf_counter() - start:.1f} s")
 
 
 def environment(on_gpu: bool) -> dict:
@@ -499,6 +522,8 @@ def checks_of(report: dict) -> dict:
     if "save_reload" in report:
         checks["save_reload"] = report["save_reload"]["pass"]
     for result in report.get("throughput", []):
+        if "skipped" in result:
+            continue
         checks[f"{result['shape']}_{result['spec']}_finite"] = bool(result["finite"]) and "error" not in result
     return checks
 
@@ -519,8 +544,8 @@ def smoke_main(args: argparse.Namespace, started: float, child: subprocess.Popen
         f"Transformer Engine {report['transformer_engine']}")
     report["imports_s"] = time.perf_counter() - started
     if "tiny" in args.shapes:
-        report["tiny_vs_fp32"] = tiny_vs_fp32(child, out)
-        report["save_reload"] = save_reload(out)
+        report["tiny_vs_fp32"] = attempt("tiny bf16 vs fp32", tiny_vs_fp32, child, out)
+        report["save_reload"] = attempt("save and reload", save_reload, out)
     if "1b" in args.shapes:
         report["throughput"] = big_shapes(args, on_gpu, report["device_name"])
     report["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
