@@ -12,8 +12,10 @@ A world of one (`cumo_megatron.platform.initialize`: nccl on CUDA, gloo on the C
    which this process loads into its bf16 model. Check: the first `COMPARE_STEPS` LM losses agree
    within `FIRST_STEP_TOLERANCE` (step 1) and `TOLERANCE` (later steps), relative.
 2. **save and reload** (tiny, bf16, on the device): 2 steps, `training.checkpointing.save_checkpoint`,
-   steps 3-4; a fresh model and optimizer `load_checkpoint` the save and run steps 3-4 again.
-   Check: the losses are identical (one device, same kernels: bit-exact is expected).
+   steps 3-4; a fresh model and optimizer `load_checkpoint` the save and run steps 3-4 again, with
+   deterministic algorithms on. Check: step 3 identical, step 4 within `RELOAD_TOLERANCE`
+   (bit-exact is expected on one device and reported as ``bit_exact``; a lost optimizer state
+   shows as ~0.5).
 3. **throughput** (shape ``1b``): a ~1B-parameter CuMo (`big_shape`: CLIP-B/16-like ViT with
    4-expert top-2 MoE MLPs, MoE connector, a 24-layer GQA LLM of width 1536), bf16, the local
    spec, and the Transformer Engine spec too when ``transformer_engine`` imports. Warm-up steps
@@ -24,9 +26,10 @@ A world of one (`cumo_megatron.platform.initialize`: nccl on CUDA, gloo on the C
    structure runs instead (``"shape": "1b-cpu-standin"``), so the code path stays tested.
 
 Human-readable lines go to stderr; the last line of stdout is one JSON object with every figure.
-The exit status is 1 when a check fails. ``--device cpu --steps 4`` takes well under a minute
-(`tests/bench/test_gpu_smoke.py` runs it); on an H100 the default run is sized to finish in a
-few minutes, imports included.
+The exit status is 1 when a check fails. ``--device cpu --steps 3`` takes about half a minute
+here (`tests/bench/test_gpu_smoke.py` runs it). On an H100 the default run is sized, by estimate
+(not yet run on a GPU), to finish in a few minutes, imports and compiles included; a Transformer
+Engine pass is skipped if it would end past `BUDGET_S`.
 
 On an air-gapped GPU machine (the device machine: Python 3.12, PyTorch, no network, no
 megatron-core), bring the project and a megatron-core wheel built for Python 3.12. Here::
@@ -93,7 +96,7 @@ BUDGET_S = 7 * 60
 
 @dataclass
 class RunShape:
-    """A model and the batch geometry one shape trains with."""
+    """The batch geometry and untimed warm-up of one shape (its model config travels beside it)."""
 
     name: str
     micro_batch_size: int
@@ -341,37 +344,73 @@ def tiny_vs_fp32(child: subprocess.Popen, out: Path) -> dict:
 # --------------------------------------------------------------------------- save and reload
 
 
+# Step 4 after a reload, relative to the uninterrupted run: the margin left for last-bit noise of
+# GPU atomics that deterministic mode cannot remove. A reload that loses the optimizer state
+# (fresh Adam moments) differs by 0.48 at step 4 (measured on the CPU); step 3 must be exact.
+RELOAD_TOLERANCE = 1e-3
+
+
 def save_reload(out: Path) -> dict:
-    """2 steps, save, steps 3-4; a fresh model loads the save and reruns steps 3-4: same losses?"""
+    """2 steps, save, steps 3-4; a fresh model loads the save and reruns steps 3-4: same losses?
+
+    Step 3's loss depends on the reloaded weights only, step 4's also on the reloaded optimizer
+    state (Adam moments, fp32 main parameters). Deterministic algorithms are switched on for this
+    part so that GPU kernels with atomics (scatter-add in the MoE, embedding backward) do not
+    blur the comparison; `throughput` runs without them.
+    """
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        path, continued, save_s = _train_save_continue(out)
+        reloaded, load_s = _reload_and_continue(path)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    diff = max(abs(a - b) for a, b in zip(continued, reloaded))
+    step4_rel = abs(reloaded[1] - continued[1]) / abs(continued[1])
+    log(f"save/reload: steps 3-4 continued {continued}, reloaded {reloaded}, max |diff| {diff:.3e}")
+    return {"steps": [3, 4], "lm_loss_continued": continued, "lm_loss_reloaded": reloaded,
+            "max_abs_diff": diff, "bit_exact": diff == 0.0, "step4_rel_diff": step4_rel,
+            "step4_tolerance": RELOAD_TOLERANCE, "save_s": save_s, "load_s": load_s,
+            "pass": continued[0] == reloaded[0] and step4_rel <= RELOAD_TOLERANCE}
+
+
+def _train_save_continue(out: Path) -> tuple[Path, list[float], float]:
+    """Tiny bf16 from the reference's initial weights: 2 steps, save, 2 more; (checkpoint, losses 3-4, save s)."""
     import cumo_megatron.platform as platform
     from cumo_megatron.training import checkpointing
 
-    init = _tiny_init(out)
     model_cfg = tiny_model("bf16")
     batches = batches_for(model_cfg, TINY)
     platform.seed_everything(SEED)
-    first = build_run(model_cfg, init)
+    first = build_run(model_cfg, _tiny_init(out))
     train_steps(first, batches, TINY, 2)
-    save_dir = out / "ckpt"
     start = time.perf_counter()
-    path = checkpointing.save_checkpoint(save_dir, 2, first.model, first.optimizer, None, None,
+    path = checkpointing.save_checkpoint(out / "ckpt", 2, first.model, first.optimizer, None, None,
                                          {"iteration": 2}, model_cfg=model_cfg)
     save_s = time.perf_counter() - start
     continued = train_steps(first, batches, TINY, 2)
     del first
     release_memory()
+    return path, continued, save_s
+
+
+def _reload_and_continue(path: Path) -> tuple[list[float], float]:
+    """A fresh tiny model and optimizer load ``path`` and run 2 steps; (losses, load s)."""
+    import cumo_megatron.platform as platform
+    from cumo_megatron.training import checkpointing
+
+    model_cfg = tiny_model("bf16")
     platform.seed_everything(SEED + 1)  # the fresh model's own initial weights must not matter
     second = build_run(model_cfg)
     start = time.perf_counter()
     checkpointing.load_checkpoint(path, second.model, second.optimizer, None, None)
     load_s = time.perf_counter() - start
-    reloaded = train_steps(second, batches, TINY, 2)
+    reloaded = train_steps(second, batches_for(model_cfg, TINY), TINY, 2)
     del second
     release_memory()
-    diff = max(abs(a - b) for a, b in zip(continued, reloaded))
-    log(f"save/reload: steps 3-4 continued {continued}, reloaded {reloaded}, max |diff| {diff:.3e}")
-    return {"steps": [3, 4], "lm_loss_continued": continued, "lm_loss_reloaded": reloaded,
-            "max_abs_diff": diff, "save_s": save_s, "load_s": load_s, "pass": diff == 0.0}
+    return reloaded, load_s
 
 
 def _tiny_init(out: Path) -> dict | None:
