@@ -442,6 +442,17 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed_training(run: Run, batches: list[dict], shape: RunShape, steps: int) -> tuple[list[float], float]:
+    """``steps`` steps, the warm-up ones (compiles, allocator growth) untimed; (losses, seconds per timed step)."""
+    warmup = min(shape.warmup_steps, steps - 1)
+    losses = train_steps(run, batches, shape, warmup)
+    synchronize()  # the warm-up's queued kernels must not land in the timed window
+    start = time.perf_counter()
+    losses += train_steps(run, batches, shape, steps - warmup)
+    synchronize()
+    return losses, (time.perf_counter() - start) / (steps - warmup)
+
+
 def throughput(model_cfg, shape: RunShape, steps: int, device_name: str | None) -> dict:
     """Train ``steps`` steps of ``shape``; time those after the warm-up; rate, FLOPs, memory."""
     import torch
@@ -456,21 +467,12 @@ def throughput(model_cfg, shape: RunShape, steps: int, device_name: str | None) 
     build_start = time.perf_counter()
     run = build_run(model_cfg)
     build_s = time.perf_counter() - build_start
-    batches = batches_for(model_cfg, shape)
-    warmup = min(shape.warmup_steps, steps - 1)
-    losses = train_steps(run, batches, shape, warmup)
-    synchronize()
-    start = time.perf_counter()
-    losses += train_steps(run, batches, shape, steps - warmup)
-    synchronize()
-    elapsed = time.perf_counter() - start
+    losses, step_s = timed_training(run, batches_for(model_cfg, shape), shape, steps)
     del run
     release_memory()
-    timed = steps - warmup
     tokens = shape.micro_batch_size * shape.num_microbatches * shape.seq_length
     images = shape.micro_batch_size * shape.num_microbatches  # one image per sample (the demo's batches)
     flops = model_flops_per_step(counts, model_cfg, stage=3, text_tokens=tokens, images=images)
-    step_s = elapsed / timed
     tflops = flops / step_s / 1e12
     peak = peak_tflops(device_name)
     result = {
