@@ -41,9 +41,9 @@ def test_every_check_passes(report):
 
 def test_environment_is_reported(report):
     assert report["device"] == "cpu"
-    for key in ("device_name", "python", "torch", "megatron_core", "imports_s", "wall_s"):
+    for key in ("device_name", "python", "torch", "megatron_core", "startup_s", "wall_s"):
         assert report[key]
-    assert report["wall_s"] >= report["imports_s"] > 0
+    assert report["wall_s"] >= report["startup_s"] > 0
 
 
 def test_tiny_bf16_tracks_the_fp32_reference(report):
