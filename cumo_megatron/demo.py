@@ -90,7 +90,7 @@ def run(cfg: DemoConfig) -> list[dict]:
     counts = count_parameters(model)
     placement = parallelize.placement_for(cfg.model)
     ddp = parallelize.wrap_ddp(parallelize.place(model, placement), use_distributed_optimizer=True)
-    optimizer = build_optimizer([ddp], lr=cfg.lr, precision=cfg.model.precision)
+    optimizer = build_optimizer([ddp], lr=cfg.lr, precision=cfg.model.precision, use_distributed_optimizer=True)
     dp = parallel_state.get_data_parallel_world_size()
     data = synthetic_microbatches(cfg, cfg.num_microbatches * dp)
     mine = data[parallel_state.get_data_parallel_rank()::dp]
