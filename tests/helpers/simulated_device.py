@@ -60,6 +60,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+# Tensor.backward / torch.autograd.backward are re-run with the mode pushed again through the same
+# bodies the CPU platform's mode uses, so the whole backward pass stays on the simulated device.
+from cumo_megatron.platform.cpu import _engine_backward, _tensor_backward
+
 SIM_DEVICE = torch.device("meta")
 _CPU = torch.device("cpu")
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -262,27 +266,6 @@ def _wrap_outputs(out):
         return t
 
     return tree_map(wrap, out)
-
-
-def _tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False, inputs=None):
-    # Tensor.backward's own body, which forwards to torch.autograd.backward.
-    torch.autograd.backward(tensor, gradient, retain_graph, create_graph, inputs=inputs)
-
-
-def _engine_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
-    # torch.autograd.backward after its torch-function check (torch 2.14), as in
-    # cumo_megatron/platform/cpu.py: the mode must stay pushed while the engine runs.
-    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
-    from torch.autograd.graph import _engine_run_backward
-
-    grads = _tensor_or_tensors_to_tuple(grad_tensors, len(tensors))
-    grads = _make_grads(tensors, grads, is_grads_batched=False)
-    if retain_graph is None:
-        retain_graph = create_graph
-    _engine_run_backward(
-        tensors, grads, retain_graph, create_graph, tuple(inputs or ()),
-        allow_unreachable=True, accumulate_grad=True,
-    )
 
 
 class _PlacementMode(TorchFunctionMode):
