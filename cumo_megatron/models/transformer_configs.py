@@ -12,7 +12,7 @@ from cumo_megatron.config.schema import MoEConfig, ModelConfig, ParallelConfig
 from cumo_megatron.models.fp8 import fp8_fields
 from cumo_megatron.models.parallelize import language_expert_parallel_size, vision_expert_parallel_size
 from cumo_megatron.platform import cpu
-from cumo_megatron.training.performance import fusion_fields
+from cumo_megatron.training.performance import fusion_fields, resolved_dispatcher
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SHAPE_ONLY = False
@@ -71,13 +71,6 @@ def _common(model: ModelConfig, tower: str) -> dict:
     return fields
 
 
-def _dispatcher(model: ModelConfig) -> str:
-    if model.token_dispatcher != "auto":
-        return model.token_dispatcher
-    # The all-to-all dispatcher creates a CUDA stream; all-gather runs everywhere.
-    return "alltoall" if cpu.cuda_available() else "allgather"
-
-
 def _moe_fields(model: ModelConfig, moe: MoEConfig | None, ffn: int) -> dict:
     if moe is None:
         return {}
@@ -85,7 +78,7 @@ def _moe_fields(model: ModelConfig, moe: MoEConfig | None, ffn: int) -> dict:
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.top_k,
         moe_ffn_hidden_size=ffn,
-        moe_token_dispatcher_type=_dispatcher(model),
+        moe_token_dispatcher_type=resolved_dispatcher(model, cpu.cuda_available()),
         moe_grouped_gemm=model.spec == "te",
         moe_router_load_balancing_type="none",  # our router computes CuMo's losses itself
         moe_aux_loss_coeff=0.0,

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cumo_megatron.config.loader import ConfigError
+from cumo_megatron.models.parallelize import comm_device
 
 LOCK_NAME = ".lock"
 
@@ -65,17 +66,11 @@ def _holder_text(path: Path) -> str:
     return f"pid {info['pid']}@{info.get('host', '?')} since {info.get('since', '?')}"
 
 
-def _comm_device() -> torch.device:
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _broadcast_message(message: str) -> str:
     """Rank 0's ``message`` ("" for success) on every rank: a length, then the UTF-8 bytes."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return message
-    device = _comm_device()
+    device = comm_device()
     payload = message.encode() if dist.get_rank() == 0 else b""
     length = torch.tensor([len(payload)], dtype=torch.int64, device=device)
     dist.broadcast(length, src=0)

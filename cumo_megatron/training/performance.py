@@ -97,7 +97,10 @@ class ThroughputSettings:
 
 
 def resolved_dispatcher(model, cuda: bool) -> str:
-    """The MoE token dispatcher the run uses (``model.token_dispatcher``, auto: all-to-all on CUDA)."""
+    """The MoE token dispatcher the run uses (``model.token_dispatcher``, auto: all-to-all on CUDA).
+
+    The all-to-all dispatcher creates a CUDA stream; all-gather runs everywhere.
+    """
     if model.token_dispatcher != "auto":
         return model.token_dispatcher
     return "alltoall" if cuda else "allgather"
