@@ -42,8 +42,9 @@ megatron-core), bring the project and a megatron-core wheel built for Python 3.1
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .wheels/*.whl
     PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_smoke.py --out $OUT/smoke
 
-``PYTHONPATH=$PWD`` rather than ``pip install -e .``: setup.py pins Python < 3.12 and exact torch
-versions that the GPU image does not have. megatron-core 0.16.1 needs only torch, numpy and
+``PYTHONPATH=$PWD`` rather than ``pip install -e .``: the package's requirements admit the image's
+Python 3.12 and torch, but without a network pip cannot fetch the ones the image lacks, and the
+smoke run needs none of them. megatron-core 0.16.1 needs only torch, numpy and
 packaging, all on that image.
 """
 
