@@ -22,6 +22,7 @@ setup(
         "pyyaml",
         "tqdm",
         "numpy",
+        "scipy",  # the scaling-law fitter's optimiser (L-BFGS-B on the Huber objective)
         "pillow",
         "matplotlib",  # the quickstart's expert-load plot
         "tensorboard",  # training metrics beside metrics.jsonl
