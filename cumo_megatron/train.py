@@ -13,26 +13,21 @@ from __future__ import annotations
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, train, return the exit status."""
-    from cumo_megatron.config.loader import ConfigError, parse_cli
+def _train(argv: list[str] | None) -> int:
+    from cumo_megatron.config.loader import parse_cli
     from cumo_megatron.config.schema import ExperimentConfig
-    from cumo_megatron.training.loop import TrainingDiverged, run
+    from cumo_megatron.training.loop import run
 
-    try:
-        cfg = parse_cli(ExperimentConfig, sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg)
-    except ConfigError as exc:  # found while setting up (e.g. the save directory is locked)
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"training stopped: {exc}", file=sys.stderr)
-        return 3
+    run(parse_cli(ExperimentConfig, sys.argv[1:] if argv is None else argv))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, train, return the exit status (see ``cumo_megatron.errors`` for the
+    statuses of user errors: configuration 2, diverged 3, data 4, checkpoint 5)."""
+    from cumo_megatron.errors import run_cli
+
+    return run_cli(_train, argv)
 
 
 # megatron's checkpoint writer starts processes that re-import __main__: keep this guard.

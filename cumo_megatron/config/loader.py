@@ -30,6 +30,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from cumo_megatron.errors import EXIT_CONFIG, UserError
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -51,8 +53,11 @@ _BOOL_STRINGS = {"true": True, "yes": True, "1": True, "false": False, "no": Fal
 _CLI_USAGE = "usage: [--config FILE] [dotted.key=value ...]"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration is malformed: bad YAML, unknown key, wrong type, failed check."""
+
+    label = "configuration error"
+    exit_status = EXIT_CONFIG
 
 
 # --------------------------------------------------------------------------- #

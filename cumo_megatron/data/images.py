@@ -24,13 +24,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cumo_megatron.errors import EXIT_DATA, UserError
+
 __all__ = ["ImageError", "ImageProcessor", "expand_to_square", "load_rgb"]
 
 Aspect = Literal["crop", "pad"]
 
 
-class ImageError(OSError):
+class ImageError(UserError, OSError):
     """An image file is missing or does not decode; ``missing`` tells which."""
+
+    label = "image error"
+    exit_status = EXIT_DATA
 
     def __init__(self, message: str, missing: bool):
         super().__init__(message)

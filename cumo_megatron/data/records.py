@@ -21,6 +21,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
+from cumo_megatron.errors import EXIT_DATA, UserError
+
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "HUMAN",
@@ -43,8 +45,11 @@ HUMAN = "human"
 GPT = "gpt"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Training data cannot be used as it is: the message names the file, record and what to do."""
+
+    label = "data error"
+    exit_status = EXIT_DATA
 
 
 class ProblemKind:

@@ -43,14 +43,18 @@ import torch.distributed as dist
 
 from cumo_megatron.config.loader import ConfigError, save_config
 from cumo_megatron.config.schema import ExperimentConfig, check_sequence_length
+from cumo_megatron.errors import EXIT_DIVERGED, UserError
 from cumo_megatron.models.parallelize import comm_device
 from cumo_megatron.training import checkpointing, performance, stages
 from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step, real_and_padded_tokens
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+    label = "training stopped"
+    exit_status = EXIT_DIVERGED
 
 
 @dataclass

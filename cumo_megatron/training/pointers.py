@@ -15,12 +15,17 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from cumo_megatron.errors import EXIT_CHECKPOINT, UserError
+
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used, with what to do about it."""
+
+    label = "checkpoint error"
+    exit_status = EXIT_CHECKPOINT
 
 
 def iteration_dir(save_dir: str | os.PathLike, iteration: int) -> Path:

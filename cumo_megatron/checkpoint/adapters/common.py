@@ -13,11 +13,16 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from cumo_megatron.errors import EXIT_CHECKPOINT, UserError
+
 Shape = tuple[int, ...]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint does not fit the configuration or the layout it claims."""
+
+    label = "checkpoint error"
+    exit_status = EXIT_CHECKPOINT
 
 
 class MissingKeyError(CheckpointError, KeyError):
