@@ -247,18 +247,26 @@ class DataConfig:
     max_length: int = 2048  # after <image> expansion
     aspect: Literal["pad", "crop"] = "pad"  # pad-to-square (stages 2/3) or resize + center crop
     policy: Literal["skip", "fail"] = "skip"  # bad records at train time
+    # Image paths must stay inside their image folder (no absolute paths, no `..`, no links leading
+    # out); true lets a record name any file.
+    allow_images_outside: bool = False
+    # Longest side / shortest side above which an image is a bad record: pad-to-square of a 1x8000
+    # strip would build an 8000x8000 canvas. Checked from the file header, before decoding.
+    max_aspect_ratio: float = 20.0
     grouping: Literal["modality_length", "length", "none"] = "modality_length"
     num_workers: int = 0
     eval_files: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        """Known templates only."""
+        """Known templates, positive lengths, an aspect-ratio bound of at least 1."""
         if self.template not in TEMPLATES:
             raise ConfigError(
                 f"data.template={self.template!r} is unknown; choose one of {', '.join(TEMPLATES)}"
             )
         if self.max_length < 1:
             raise ConfigError(f"data.max_length must be >= 1, got {self.max_length}")
+        if not self.max_aspect_ratio >= 1:
+            raise ConfigError(f"data.max_aspect_ratio must be >= 1 (long side / short side), got {self.max_aspect_ratio}")
 
 
 @dataclass

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cumo_megatron.config.schema import IMAGE_TOKEN_ID
-from cumo_megatron.data.images import ImageError, ImageProcessor
+from cumo_megatron.data.images import ImageError, ImageProcessor, image_path, leaves_folder
 from cumo_megatron.data.records import (
     DataError,
     Mixture,
@@ -40,7 +39,7 @@ from cumo_megatron.data.records import (
     record_images,
 )
 
-__all__ = ["Policy", "Sample", "Skipped", "DataHealth", "Encoded", "EncodeFailure", "encode_conversation", "LlavaDataset"]
+__all__ = ["Policy", "Sample", "Skipped", "fail_error", "DataHealth", "Encoded", "EncodeFailure", "encode_conversation", "LlavaDataset"]
 
 Policy = Literal["skip", "fail"]
 TRUNCATED = "truncated"  # DataHealth kind of a sample cut to max_length (used, not skipped)
@@ -63,10 +62,24 @@ class Sample:
 
 @dataclass(frozen=True)
 class Skipped:
-    """Dataset entry ``index`` could not be used; ``problem`` says where and why."""
+    """Dataset entry ``index`` could not be used; ``problem`` says where and why.
+
+    ``fatal`` (policy ``fail`` in a DataLoader worker) asks the main process to stop with
+    `fail_error`: an exception raised in a worker would reach the user wrapped in the worker's
+    traceback, so the worker hands the problem over instead.
+    """
 
     index: int
     problem: Problem
+    fatal: bool = False
+
+
+def fail_error(problem: Problem) -> DataError:
+    """The `DataError` that stops a run with policy ``fail`` at ``problem``."""
+    return DataError(
+        f"{problem}\nfix or remove the record (tools/validate_data.py lists every bad one), or set "
+        "data.policy=skip to skip and count bad records"
+    )
 
 
 @dataclass
@@ -215,6 +228,7 @@ class LlavaDataset(Dataset):
         policy: Policy = "skip",
         image_token_id: int = IMAGE_TOKEN_ID,
         preflight: bool = True,
+        allow_images_outside: bool = False,
     ):
         if policy not in ("skip", "fail"):
             raise ValueError(f"bad-sample policy {policy!r} is unknown; use 'skip' or 'fail'")
@@ -229,29 +243,54 @@ class LlavaDataset(Dataset):
         self.image_processor = image_processor
         self.policy = policy
         self.image_token_id = image_token_id
+        self.allow_images_outside = allow_images_outside
         self._has_image = mixture.has_image()
         if image_processor is None and self._has_image.any():
             first = int(np.flatnonzero(self._has_image)[0])
             raise DataError(f"{mixture[first].source} has image records but no image processor was given")
+        self._check_image_folders()
         if preflight:
             self._preflight()
+
+    def _check_image_folders(self) -> None:
+        """A folder that does not exist would turn every image record into a skip: stop at start."""
+        import os
+
+        for source, records in self.mixture.file_records():
+            folder = source.image_folder or self.mixture.default_image_folder
+            if folder is not None and not os.path.isdir(folder) and any(record_images(r.data) for r in records):
+                raise DataError(
+                    f"{source.path}: its image folder {folder} is not a directory; check data.image_folder (or --images)"
+                )
 
     def _preflight(self) -> None:
         """Structural checks of every file once, at start: fail now (policy fail) or announce skips."""
         problems = []
-        for _, records in self.mixture.file_records():
+        for source, records in self.mixture.file_records():
+            # Image paths that leave the folder by their text alone are found here, on every rank;
+            # links resolving elsewhere need the file system and are found when the image is read.
+            check_paths = not self.allow_images_outside and (source.image_folder or self.mixture.default_image_folder)
             for raw in records:
-                problems.extend(check_record(raw)[:1])
+                found = check_record(raw)[:1]
+                if not found and check_paths:
+                    outside = [name for name in record_images(raw.data) if leaves_folder(name)]
+                    if outside:
+                        found = [raw.problem(
+                            ProblemKind.IMAGE_OUTSIDE_FOLDER,
+                            f"image {outside[0]!r} is outside the image folder; move it into the folder, or "
+                            "allow it with data.allow_images_outside=true",
+                        )]
+                problems.extend(found)
         if not problems:
             return
         shown = "\n  ".join(str(p) for p in problems[:10])
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         if self.policy == "fail":
             raise DataError(
-                f"{len(problems)} malformed record(s) (policy 'fail'; run tools/validate_data.py for a full report):"
-                f"\n  {shown}{more}"
+                f"{len(problems)} bad record(s) (policy 'fail'; run tools/validate_data.py for a full report, "
+                f"or set data.policy=skip to skip them):\n  {shown}{more}"
             )
-        logger.warning("%d malformed record(s) will be skipped when met:\n  %s%s", len(problems), shown, more)
+        logger.warning("%d bad record(s) will be skipped when met:\n  %s%s", len(problems), shown, more)
 
     def __len__(self) -> int:
         return len(self.mixture)
@@ -266,7 +305,11 @@ class LlavaDataset(Dataset):
 
     def _bad(self, index: int, problem: Problem) -> Skipped:
         if self.policy == "fail":
-            raise DataError(f"{problem} (policy 'fail'; use policy 'skip' to skip and count bad samples)")
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is not None:  # in a worker: the main process raises (see `Skipped`)
+                return Skipped(index, problem, fatal=True)
+            raise fail_error(problem)
         return Skipped(index, problem)
 
     def __getitem__(self, index: int) -> Sample | Skipped:
@@ -298,11 +341,10 @@ class LlavaDataset(Dataset):
             folder = self.mixture.image_folder(index)
             try:
                 images = torch.stack(
-                    [self.image_processor.load(name if folder is None else Path(folder) / name) for name in names]
+                    [self.image_processor.load(image_path(folder, name, self.allow_images_outside)) for name in names]
                 )
             except ImageError as exc:
-                kind = ProblemKind.MISSING_IMAGE if exc.missing else ProblemKind.UNREADABLE_IMAGE
-                return self._bad(index, raw.problem(kind, str(exc)))
+                return self._bad(index, raw.problem(exc.kind, str(exc)))
         truncated = raw.problem(TRUNCATED, f"truncated to max_length {self.max_length}") if enc.truncated else None
         return Sample(enc.input_ids, enc.labels, enc.loss_mask, images, index, raw.record_id, truncated)
 
@@ -324,7 +366,10 @@ def dataset_for_run(cfg, files, tokenizer, image_folder: Optional[str] = None) -
         data.template,
         tokens_per_image=cfg.model.vision.tokens_per_image,
         max_length=data.max_length,
-        image_processor=ImageProcessor.from_vision_config(cfg.model.vision, aspect=data.aspect),
+        image_processor=ImageProcessor.from_vision_config(
+            cfg.model.vision, aspect=data.aspect, max_aspect_ratio=data.max_aspect_ratio
+        ),
         policy=data.policy,
         image_token_id=cfg.model.image_token_id,
+        allow_images_outside=data.allow_images_outside,
     )

@@ -16,43 +16,108 @@ image ``[3, crop, crop]`` float32; S2 multi-scale crops are computed by the mode
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from cumo_megatron.data.records import ProblemKind
 from cumo_megatron.errors import EXIT_DATA, UserError
 
-__all__ = ["ImageError", "ImageProcessor", "expand_to_square", "load_rgb"]
+__all__ = ["ImageError", "ImageProcessor", "check_aspect_ratio", "expand_to_square", "image_path", "leaves_folder", "load_rgb"]
 
 Aspect = Literal["crop", "pad"]
 
 
 class ImageError(UserError, OSError):
-    """An image file is missing or does not decode; ``missing`` tells which."""
+    """An image cannot be used: missing, undecodable, outside the image folder or too elongated.
+
+    ``kind`` is the `ProblemKind` a validator or the dataset reports it as; ``missing`` says whether
+    the file does not exist (kept for callers that only tell missing from unreadable).
+    """
 
     label = "image error"
     exit_status = EXIT_DATA
 
-    def __init__(self, message: str, missing: bool):
+    def __init__(self, message: str, missing: bool = False, kind: Optional[str] = None):
         super().__init__(message)
         self.missing = missing
+        self.kind = kind or (ProblemKind.MISSING_IMAGE if missing else ProblemKind.UNREADABLE_IMAGE)
+
+    def __reduce__(self):
+        # DataLoader workers pickle exceptions: keep every argument (the default passes only args).
+        return (type(self), (str(self), self.missing, self.kind))
 
 
-def load_rgb(path) -> Image.Image:
-    """Open ``path`` fully (so truncated files fail here, not later) and convert it to RGB."""
+def image_path(folder, name: str, allow_outside: bool = False) -> Path:
+    """Where image ``name`` of a record lives: ``folder / name`` (``name`` as is without a folder).
+
+    With a folder and ``allow_outside`` false, a path that leaves the folder -- an absolute path,
+    ``..`` components, or a symbolic link resolving elsewhere -- raises `ImageError` (kind
+    ``image_outside_folder``): a data file should not make training read arbitrary files. Paths are
+    compared after `os.path.realpath` of both sides, so a folder that is itself a link still works.
+    """
+    if folder is None:
+        return Path(name)
+    path = Path(folder) / name
+    if allow_outside:
+        return path
+    root = os.path.realpath(folder)
+    target = os.path.realpath(path)
+    if os.path.commonpath([root, target]) != root:
+        raise ImageError(
+            f"image {name!r} resolves to {target}, outside the image folder {folder}; move it into the "
+            "folder, or allow it with data.allow_images_outside=true (validate_data: --allow-images-outside)",
+            kind=ProblemKind.IMAGE_OUTSIDE_FOLDER,
+        )
+    return path
+
+
+def leaves_folder(name: str) -> bool:
+    """Whether image ``name`` leaves its folder by its text alone (absolute, or ``..`` beyond the top):
+    the file-system-free part of `image_path`'s check, cheap enough to run on every record at start."""
+    return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir
+
+
+def check_aspect_ratio(size: tuple[int, int], max_aspect_ratio: Optional[float], path) -> None:
+    """Raise `ImageError` (kind ``image_aspect_ratio``) when ``size``'s long side exceeds
+    ``max_aspect_ratio`` times its short side: pad-to-square would build a ``long x long`` canvas
+    (a 1x50000 strip: 7.5 GB) and resize-and-crop a ``size x size*ratio`` image. None: no bound."""
+    width, height = size
+    if max_aspect_ratio is None:
+        return
+    if min(width, height) < 1 or max(width, height) > max_aspect_ratio * min(width, height):
+        raise ImageError(
+            f"image {path} is {width}x{height}, an aspect ratio above {max_aspect_ratio:g}; crop or drop it, or "
+            "raise data.max_aspect_ratio (validate_data: --max-aspect-ratio)",
+            kind=ProblemKind.IMAGE_ASPECT_RATIO,
+        )
+
+
+def load_rgb(path, max_aspect_ratio: Optional[float] = None) -> Image.Image:
+    """Open ``path`` fully (so truncated files fail here, not later) and convert it to RGB.
+
+    With ``max_aspect_ratio`` the size is checked from the header first (`check_aspect_ratio`),
+    before any pixel is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"image file not found: {path}", missing=True)
     try:
-        with Image.open(path) as img:
+        img = Image.open(path)
+    except Exception as exc:  # PIL raises several unrelated types for bad files
+        raise ImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+    with img:
+        check_aspect_ratio(img.size, max_aspect_ratio, path)
+        try:
             img.load()
             return img.convert("RGB")
-    except Exception as exc:  # PIL raises several unrelated types for bad files
-        raise ImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}", missing=False) from None
+        except Exception as exc:
+            raise ImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
 
 
 def expand_to_square(img: Image.Image, background: Sequence[int]) -> Image.Image:
@@ -76,6 +141,7 @@ class ImageProcessor:
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     aspect: Aspect = "pad"
     resample: int = Image.Resampling.BICUBIC
+    max_aspect_ratio: Optional[float] = None  # refuse more elongated images (`check_aspect_ratio`)
 
     def __post_init__(self):
         if self.aspect not in ("crop", "pad"):
@@ -86,7 +152,9 @@ class ImageProcessor:
         self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
-    def from_vision_config(cls, vision_cfg, aspect: Aspect = "pad") -> "ImageProcessor":
+    def from_vision_config(
+        cls, vision_cfg, aspect: Aspect = "pad", max_aspect_ratio: Optional[float] = None
+    ) -> "ImageProcessor":
         """From our `VisionConfig` (its ``image_size``, ``image_mean``, ``image_std``, which the
         checkpoint adapters fill from the vision checkpoint)."""
         return cls(
@@ -95,6 +163,7 @@ class ImageProcessor:
             mean=list(vision_cfg.image_mean),
             std=list(vision_cfg.image_std),
             aspect=aspect,
+            max_aspect_ratio=max_aspect_ratio,
         )
 
     @classmethod
@@ -148,5 +217,6 @@ class ImageProcessor:
         return (x_chw - self._mean) / self._std
 
     def load(self, path) -> torch.Tensor:
-        """Open ``path`` (raising `ImageError`) and preprocess it."""
-        return self(load_rgb(path))
+        """Open ``path`` (raising `ImageError`, also for an aspect ratio above ``max_aspect_ratio``)
+        and preprocess it."""
+        return self(load_rgb(path, self.max_aspect_ratio))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -62,6 +63,8 @@ class ProblemKind:
     UNEXPECTED_IMAGE_TOKEN = "unexpected_image_token"  # <image> without (enough) images
     MISSING_IMAGE = "missing_image"  # the image file does not exist
     UNREADABLE_IMAGE = "unreadable_image"  # the image file exists but does not decode
+    IMAGE_OUTSIDE_FOLDER = "image_outside_folder"  # the path leaves the image folder (.., absolute, link)
+    IMAGE_ASPECT_RATIO = "image_aspect_ratio"  # too elongated: padding it to a square would be huge
     TOO_LONG = "too_long"  # tokenised sample longer than max_length
     NO_SUPERVISION = "no_supervision"  # nothing left in the loss (e.g. every answer truncated)
     TOKENIZE_FAILED = "tokenize_failed"  # the template/tokenizer refused the record
@@ -74,6 +77,8 @@ class ProblemKind:
         UNEXPECTED_IMAGE_TOKEN,
         MISSING_IMAGE,
         UNREADABLE_IMAGE,
+        IMAGE_OUTSIDE_FOLDER,
+        IMAGE_ASPECT_RATIO,
         TOO_LONG,
         NO_SUPERVISION,
         TOKENIZE_FAILED,
@@ -120,7 +125,9 @@ class RawRecord:
     def record_id(self) -> Optional[str]:
         """The record's ``id`` as a string, or None when it has none."""
         if isinstance(self.data, dict) and self.data.get("id") is not None:
-            return str(self.data["id"])
+            value = self.data["id"]
+            # reprlib bounds the text of a nested or huge id (it is only used to name the record).
+            return str(value) if isinstance(value, (str, int, float, bool)) else reprlib.repr(value)
         return None
 
     @property
@@ -167,28 +174,45 @@ def _looks_like_json_lines(text: str) -> bool:
     return len(lines) > 1 and lines[0].lstrip().startswith("{")
 
 
+def _parse_error(exc: Exception) -> str:
+    """What went wrong parsing JSON, in words (the decoder's position when it has one)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply (arrays/objects inside each other beyond Python's recursion limit)"
+    return f"{type(exc).__name__}: {exc}"  # e.g. an integer of more than 4300 digits
+
+
+# What the JSON parser raises on bad input: JSONDecodeError (a ValueError), other ValueErrors
+# (over-long integers) and RecursionError (deep nesting); none of them must reach the user raw.
+_PARSE_ERRORS = (ValueError, RecursionError)
+
+
 def load_file(path) -> list[RawRecord]:
     """Read every record of a LLaVA ``.json`` (list) or ``.jsonl`` file.
 
     A JSON-lines line that does not parse becomes a `RawRecord` with ``error`` set (the file stays
     usable and the line is reported); a JSON list that does not parse, or a top-level value that is
-    not a list, raises `DataError` since no record of it can be trusted.
+    not a list, raises `DataError` since no record of it can be trusted. Parser failures of every
+    kind (syntax, nesting deeper than the recursion limit, over-long numbers) are handled so.
     """
     path = Path(path)
     src = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"{src}: data file not found") from None
+        raise DataError(f"{src}: data file not found; check data.files (or --data)") from None
+    except IsADirectoryError:
+        raise DataError(f"{src}: is a directory; give a LLaVA .json or .jsonl file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{src}: cannot read the data file ({exc})") from None
     if path.suffix.lower() != ".jsonl":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except _PARSE_ERRORS as exc:
             if not _looks_like_json_lines(text):
                 raise DataError(
-                    f"{src}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                    f"{src}: not valid JSON ({_parse_error(exc)}); "
                     "a LLaVA data file is a JSON list of records or JSON lines (one record per line)"
                 ) from None
         else:
@@ -204,8 +228,9 @@ def load_file(path) -> list[RawRecord]:
         index = len(records)
         try:
             records.append(RawRecord(src, index, json.loads(line), line=lineno))
-        except json.JSONDecodeError as exc:
-            records.append(RawRecord(src, index, None, error=f"bad JSON line: {exc.msg} (column {exc.colno})", line=lineno))
+        except _PARSE_ERRORS as exc:
+            reason = exc.msg + f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else _parse_error(exc)
+            records.append(RawRecord(src, index, None, error=f"bad JSON line: {reason}", line=lineno))
     return records
 
 
@@ -225,7 +250,15 @@ def check_record(raw: RawRecord) -> list[Problem]:
 
     Checks the LLaVA shape, the role order (human first, then alternating, ending with an answer)
     and that the number of ``<image>`` placeholders (all in human turns) equals the number of images.
+    Never raises on bad data: a record too deeply nested even to inspect is ``malformed``.
     """
+    try:
+        return _check_record(raw)
+    except RecursionError:
+        return [raw.problem(ProblemKind.MALFORMED, "the record is nested too deeply to be a LLaVA record")]
+
+
+def _check_record(raw: RawRecord) -> list[Problem]:
     if raw.error is not None:
         return [raw.problem(ProblemKind.BAD_JSON, raw.error)]
     data = raw.data
@@ -235,13 +268,13 @@ def check_record(raw: RawRecord) -> list[Problem]:
     if image is not None and not (
         (isinstance(image, str) and image) or (isinstance(image, list) and image and all(isinstance(x, str) and x for x in image))
     ):
-        return [raw.problem(ProblemKind.MALFORMED, f"'image' must be a file name or a list of them, got {image!r}")]
+        return [raw.problem(ProblemKind.MALFORMED, f"'image' must be a file name or a list of them, got {reprlib.repr(image)}")]
     convs = data.get("conversations")
     if not isinstance(convs, list) or not convs:
         return [raw.problem(ProblemKind.MALFORMED, "'conversations' must be a non-empty list of {from, value} turns")]
     for t, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("from"), str) or not isinstance(turn.get("value"), str):
-            return [raw.problem(ProblemKind.MALFORMED, f"turn {t} must be an object with string 'from' and 'value', got {turn!r}"[:300])]
+            return [raw.problem(ProblemKind.MALFORMED, f"turn {t} must be an object with string 'from' and 'value', got {reprlib.repr(turn)}")]
         if turn["from"] not in (HUMAN, GPT):
             return [raw.problem(ProblemKind.MALFORMED, f"turn {t} has role {turn['from']!r}; LLaVA data uses 'human' and 'gpt'")]
     problems = []

@@ -267,6 +267,11 @@ class ResumableLoader:
         """The rest of the current epoch; when it ends, the sampler moves to the next epoch."""
         if self.sampler.position < len(self.sampler):
             for batch in self._loader():
+                for skipped in batch.get("skipped", ()):
+                    if getattr(skipped, "fatal", False):  # policy fail, met in a worker process
+                        from cumo_megatron.data.dataset import fail_error
+
+                        raise fail_error(skipped.problem)
                 if self.health is not None:
                     for skipped in batch.get("skipped", ()):
                         self.health.record(skipped)

@@ -29,10 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from cumo_megatron.errors import EXIT_CONFIG, UserError
+
 __all__ = [
     "Tokenizer",
     "SentencePieceTokenizer",
     "HFTokenizer",
+    "TokenizerError",
     "load_tokenizer",
 ]
 
@@ -294,26 +297,52 @@ class HFTokenizer(Tokenizer):
         return f"HFTokenizer({str(self.path)!r}, legacy={self.legacy})"
 
 
+class TokenizerError(UserError, FileNotFoundError, ValueError):
+    """A tokenizer path that does not exist or does not load (a path the user gave: exit status 2).
+
+    Both a FileNotFoundError and a ValueError, the types `load_tokenizer` raised before it existed.
+    """
+
+    label = "configuration error"
+    exit_status = EXIT_CONFIG
+
+
 def load_tokenizer(path, kind: str = "auto") -> Tokenizer:
     """A tokenizer from ``path``: a ``tokenizer.model`` file or a checkpoint/tokenizer directory.
 
     ``kind="auto"``: a file -> `SentencePieceTokenizer`; a directory holding ``tokenizer.model`` ->
     `SentencePieceTokenizer.from_directory` (the reference used the slow sentencepiece tokenizer);
-    any other directory -> `HFTokenizer`. ``kind="sentencepiece"`` / ``"hf"`` force one.
+    any other directory -> `HFTokenizer`. ``kind="sentencepiece"`` / ``"hf"`` force one. A path
+    that does not exist, or files that do not load, raise `TokenizerError`.
     """
     path = Path(path)
     if kind not in ("auto", "sentencepiece", "hf"):
         raise ValueError(f"tokenizer kind {kind!r} is unknown; choose auto, sentencepiece or hf")
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer path {path} does not exist (give a tokenizer.model or a tokenizer directory)")
+        raise TokenizerError(
+            f"tokenizer path {path} does not exist (give a tokenizer.model or a tokenizer directory: "
+            "data.tokenizer or --tokenizer)"
+        )
+    try:
+        return _load(path, kind)
+    except TokenizerError:
+        raise
+    except Exception as exc:  # sentencepiece / transformers raise many types for unusable files
+        raise TokenizerError(
+            f"cannot load the tokenizer at {path} ({type(exc).__name__}: {str(exc).strip()[:300]}); "
+            "give a sentencepiece tokenizer.model or a Hugging Face tokenizer directory"
+        ) from None
+
+
+def _load(path: Path, kind: str) -> Tokenizer:
     if path.is_file():
         if kind == "hf":
-            raise ValueError(f"{path} is a file; an HF tokenizer is a directory")
+            raise TokenizerError(f"{path} is a file; an HF tokenizer is a directory")
         return SentencePieceTokenizer(path)
     if kind == "hf":
         return HFTokenizer(path)
     if (path / "tokenizer.model").is_file():
         return SentencePieceTokenizer.from_directory(path)
     if kind == "sentencepiece":
-        raise FileNotFoundError(f"{path} has no tokenizer.model")
+        raise TokenizerError(f"{path} has no tokenizer.model")
     return HFTokenizer(path)

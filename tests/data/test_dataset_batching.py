@@ -199,7 +199,7 @@ def test_full_pass_with_bad_records_completes_and_reports_exactly_them(tmp_path,
 
 
 def test_policy_fail_stops_at_start_for_malformed_and_at_the_sample_for_images(tmp_path, tokenizer, image_dir):
-    with pytest.raises(DataError, match=r"(?s)5 malformed record\(s\).*bad_roles") as info:
+    with pytest.raises(DataError, match=r"(?s)5 bad record\(s\).*bad_roles") as info:
         make_dataset(tmp_path, tokenizer, image_dir, policy="fail")
     assert "b.jsonl record 2 (line 3" in str(info.value)
     # Only image problems (not visible without opening files): raised when the sample is met.
