@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from cumo_megatron.config.schema import DataConfig
@@ -50,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tokenizer and args.template is None:
         p.error("--tokenizer needs --template (plain, vicuna_v1 or mistral_instruct)")
+    if args.images is not None and not os.path.isdir(args.images):
+        p.error(f"--images {args.images} is not a directory")
     if args.max_length is not None and args.max_length < 1:
         p.error(f"--max-length must be >= 1, got {args.max_length}")
     if not args.max_aspect_ratio >= 1:

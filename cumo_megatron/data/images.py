@@ -28,7 +28,7 @@ from PIL import Image
 from cumo_megatron.data.records import ProblemKind
 from cumo_megatron.errors import EXIT_DATA, UserError
 
-__all__ = ["ImageError", "ImageProcessor", "check_aspect_ratio", "expand_to_square", "image_path", "leaves_folder", "load_rgb"]
+__all__ = ["ImageError", "ImageProcessor", "check_aspect_ratio", "expand_to_square", "image_path", "is_image_file", "leaves_folder", "load_rgb"]
 
 Aspect = Literal["crop", "pad"]
 
@@ -61,6 +61,8 @@ def image_path(folder, name: str, allow_outside: bool = False) -> Path:
     ``image_outside_folder``): a data file should not make training read arbitrary files. Paths are
     compared after `os.path.realpath` of both sides, so a folder that is itself a link still works.
     """
+    if "\0" in name:  # the OS refuses such names with a ValueError, not an OSError
+        raise ImageError(f"image name {name!r} contains a NUL character", kind=ProblemKind.MISSING_IMAGE, missing=True)
     if folder is None:
         return Path(name)
     path = Path(folder) / name
@@ -98,6 +100,15 @@ def check_aspect_ratio(size: tuple[int, int], max_aspect_ratio: Optional[float],
         )
 
 
+def is_image_file(path) -> bool:
+    """Whether ``path`` is an existing file; a name the OS cannot even look up (too long, a NUL
+    character) raises `ImageError` rather than the OSError / ValueError `Path.is_file` lets through."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot look up image {str(path)[:300]!r}: {exc}", missing=True) from None
+
+
 def load_rgb(path, max_aspect_ratio: Optional[float] = None) -> Image.Image:
     """Open ``path`` fully (so truncated files fail here, not later) and convert it to RGB.
 
@@ -105,7 +116,7 @@ def load_rgb(path, max_aspect_ratio: Optional[float] = None) -> Image.Image:
     before any pixel is decoded.
     """
     path = Path(path)
-    if not path.is_file():
+    if not is_image_file(path):
         raise ImageError(f"image file not found: {path}", missing=True)
     try:
         img = Image.open(path)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 from cumo_megatron.config.schema import IMAGE_TOKEN_ID
 from cumo_megatron.data.dataset import EncodeFailure, encode_conversation
-from cumo_megatron.data.images import ImageError, image_path, load_rgb
+from cumo_megatron.data.images import ImageError, image_path, is_image_file, load_rgb
 from cumo_megatron.data.records import (
     DataError,
     DataSource,
@@ -216,10 +216,10 @@ def _image_problem(raw: RawRecord, folder: Optional[str], name: str, images: Ima
     """The problem of one image of ``raw`` as training would meet it (`ImageProcessor.load`), or None."""
     try:
         path = image_path(folder, name, images.allow_outside)
-        if not path.is_file():
-            return raw.problem(ProblemKind.MISSING_IMAGE, f"image file not found: {path}")
         if images.decode:
             load_rgb(path, images.max_aspect_ratio)
+        elif not is_image_file(path):
+            return raw.problem(ProblemKind.MISSING_IMAGE, f"image file not found: {path}")
     except ImageError as exc:
         return raw.problem(exc.kind, str(exc))
     return None

@@ -45,7 +45,7 @@ from cumo_megatron.config.loader import ConfigError, save_config
 from cumo_megatron.config.schema import ExperimentConfig, check_sequence_length
 from cumo_megatron.errors import EXIT_DIVERGED, UserError
 from cumo_megatron.models.parallelize import comm_device
-from cumo_megatron.training import checkpointing, performance, stages
+from cumo_megatron.training import checkpointing, data_failures, performance, skipped_report, stages
 from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step, real_and_padded_tokens
 
@@ -401,7 +401,7 @@ class Trainer:
         try:
             while self.iteration < self.total_steps:
                 start = time.perf_counter()
-                microbatches = [next(data_iter) for _ in range(self.num_microbatches)]
+                microbatches = data_failures.next_microbatches(data_iter, self.num_microbatches)
                 tokens, tokens_padded = real_and_padded_tokens(microbatches)
                 images = sum(0 if mb["images"] is None else int(mb["images"].shape[0]) for mb in microbatches)
                 result = self.train_step(microbatches)
@@ -453,6 +453,7 @@ class Trainer:
                 # checkpoint written after a good update.
                 if due and self.bad_in_a_row == 0:
                     self.save()
+            self._write_skipped_report(final=True)
         finally:
             self.metrics.close()
             self.save_lock.release()
@@ -480,9 +481,18 @@ class Trainer:
         with params_gathered(self.ddp):
             path = self._save_checkpoint(before_commit)
         self.provenance = path  # carries the same records; the older checkpoint may be pruned
+        self._write_skipped_report()
         if self.hooks.kill_after_save == self.iteration:
             _kill_self()
         return path
+
+    def _write_skipped_report(self, final: bool = False) -> None:
+        """``skipped_records.json`` merged over data-parallel ranks (collective); totals printed at the end."""
+        report, path = skipped_report.write_report(
+            self.out, self.loader.health, self.iteration, write=self.rank == 0, group=_dp_group()
+        )
+        if final and self.rank == 0:
+            print(skipped_report.summary_line(report, path), flush=True)
 
     def _save_checkpoint(self, before_commit) -> Path:
         return checkpointing.save_checkpoint(
