@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,70 @@ def test_missing_and_corrupt_files_raise_image_error(tmp_path):
     grey = tmp_path / "grey.png"
     Image.new("L", (8, 8), 7).save(grey)
     assert load_rgb(grey).mode == "RGB"
+
+
+# ---------------------------------------------------------------- paths and elongated images
+from cumo_megatron.data.images import image_path, leaves_folder  # noqa: E402
+from cumo_megatron.data.records import ProblemKind  # noqa: E402
+
+
+def test_image_paths_stay_inside_the_folder(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    noise_image(8, 8).save(folder / "sub" / "in.png")
+    noise_image(8, 8).save(tmp_path / "outside.png")
+    (folder / "link_out.png").symlink_to(tmp_path / "outside.png")
+    (folder / "link_in.png").symlink_to(folder / "sub" / "in.png")
+    linked_folder = tmp_path / "folder_link"
+    linked_folder.symlink_to(folder)  # a folder that is itself a link is fine
+    assert image_path(folder, "sub/in.png") == folder / "sub" / "in.png"
+    assert image_path(folder, "sub/../sub/in.png") == folder / "sub/../sub/in.png"
+    assert image_path(folder, "link_in.png") == folder / "link_in.png"
+    assert image_path(linked_folder, "sub/in.png") == linked_folder / "sub" / "in.png"
+    for name in ("../outside.png", str(tmp_path / "outside.png"), "link_out.png", "sub/../../outside.png"):
+        with pytest.raises(ImageError, match="outside the image folder") as info:
+            image_path(folder, name)
+        assert info.value.kind == ProblemKind.IMAGE_OUTSIDE_FOLDER and "allow_images_outside" in str(info.value)
+        assert image_path(folder, name, allow_outside=True) == folder / name  # the explicit opt-in
+    assert image_path(None, "../anything.png") == Path("../anything.png")  # no folder: nothing to confine to
+    # The text-only check the dataset runs on every record at start (links need the file system).
+    assert [leaves_folder(n) for n in ("a.png", "sub/../a.png", "../a.png", "/abs/a.png", "sub/../../a.png", "..a.png")] == [
+        False, False, True, True, True, False]
+    with pytest.raises(ImageError, match="NUL") as nul:
+        image_path(folder, "a\x00.png")
+    assert nul.value.kind == ProblemKind.MISSING_IMAGE
+
+
+def test_elongated_images_are_refused_from_the_header(tmp_path):
+    strip = tmp_path / "strip.png"
+    Image.new("L", (1, 8000)).save(strip)
+    assert strip.stat().st_size < 200  # tiny on disk, 8000x8000 once padded to a square
+    with pytest.raises(ImageError, match=r"1x8000, an aspect ratio above 20") as info:
+        load_rgb(strip, max_aspect_ratio=20)
+    assert info.value.kind == ProblemKind.IMAGE_ASPECT_RATIO
+    assert load_rgb(strip, max_aspect_ratio=8000).size == (1, 8000)  # a looser bound lets it through
+    assert load_rgb(strip).size == (1, 8000)  # no bound given: no check
+    # Only the header is read: a file cut right after it still reports the aspect ratio, not a decode error.
+    header_only = tmp_path / "header_only.png"
+    Image.new("L", (50000, 1)).save(header_only)
+    data = header_only.read_bytes()
+    header_only.write_bytes(data[: data.index(b"IDAT") + 8])  # up to the first bytes of pixel data
+    with pytest.raises(ImageError, match="50000x1") as cut:
+        load_rgb(header_only, max_aspect_ratio=20)
+    assert cut.value.kind == ProblemKind.IMAGE_ASPECT_RATIO
+    with pytest.raises(ImageError, match="cannot decode"):
+        load_rgb(header_only, max_aspect_ratio=1e9)
+    # The processor applies its bound; 20:1 exactly is still allowed.
+    proc = ImageProcessor(size=16, crop_size=16, max_aspect_ratio=20)
+    Image.new("RGB", (20, 400)).save(tmp_path / "edge.png")
+    assert proc.load(tmp_path / "edge.png").shape == (3, 16, 16)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        proc.load(strip)
+
+
+def test_image_error_survives_pickling_with_its_kind():
+    """DataLoader workers pickle exceptions; the kind must come back."""
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ImageError("x.png: too long", kind=ProblemKind.IMAGE_ASPECT_RATIO)))
+    assert (str(err), err.kind, err.missing) == ("x.png: too long", ProblemKind.IMAGE_ASPECT_RATIO, False)
