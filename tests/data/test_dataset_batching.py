@@ -220,3 +220,48 @@ def test_unknown_template_and_missing_image_processor_fail_at_construction(tmp_p
         LlavaDataset(mixture, tokenizer, "chatml", TPI, MAX_LEN, ImageProcessor(size=IMG, crop_size=IMG))
     with pytest.raises(DataError, match="no image processor"):
         LlavaDataset(mixture, tokenizer, "vicuna_v1", TPI, MAX_LEN, None)
+
+
+def _image_dataset(tmp_path, image_dir, tokenizer, records, **kw):
+    (tmp_path / "c.json").write_text(json.dumps(records))
+    proc = ImageProcessor(size=IMG, crop_size=IMG, max_aspect_ratio=kw.pop("max_aspect_ratio", 20))
+    return LlavaDataset(Mixture([DataSource(str(tmp_path / "c.json"))], default_image_folder=str(image_dir)),
+                        tokenizer, "vicuna_v1", TPI, MAX_LEN, proc, **kw)
+
+
+def test_images_outside_the_folder_and_elongated_images_are_bad_records(tmp_path, tokenizer, image_dir):
+    from PIL import Image
+
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    Image.new("RGB", (2, 100)).save(tmp_path / "strip.png")  # 50:1
+    records = [good(0),
+               {**good(1), "id": "dotdot", "image": "../" + tmp_path.name + "/outside.png"},
+               {**good(2), "id": "absolute", "image": str(outside)},
+               {**good(3), "id": "strip", "image": str(tmp_path / "strip.png")}]
+    ds = _image_dataset(tmp_path, image_dir, tokenizer, records)
+    assert isinstance(ds[0], Sample)
+    assert [ds[i].problem.kind for i in (1, 2, 3)] == [ProblemKind.IMAGE_OUTSIDE_FOLDER] * 3
+    assert "id='dotdot'" in str(ds[1].problem) and "allow_images_outside" in str(ds[1].problem)
+    # The explicit option reads them; the strip then meets the aspect-ratio bound (and passes a looser one).
+    allowed = _image_dataset(tmp_path, image_dir, tokenizer, records, allow_images_outside=True)
+    assert isinstance(allowed[1], Sample) and isinstance(allowed[2], Sample)
+    assert allowed[3].problem.kind == ProblemKind.IMAGE_ASPECT_RATIO
+    loose = _image_dataset(tmp_path, image_dir, tokenizer, records, allow_images_outside=True, max_aspect_ratio=60)
+    assert isinstance(loose[3], Sample)
+    # Policy fail: paths that leave the folder by their text are found at start, on every rank.
+    with pytest.raises(DataError, match=r"(?s)3 bad record\(s\).*id='dotdot'.*image_outside_folder.*id='absolute'.*id='strip'"):
+        _image_dataset(tmp_path, image_dir, tokenizer, records, policy="fail")
+    with pytest.raises(DataError, match="nowhere is not a directory"):
+        _image_dataset(tmp_path, tmp_path / "nowhere", tokenizer, records)
+
+
+def test_policy_fail_in_a_worker_process_stops_the_main_process_without_a_traceback(tmp_path, tokenizer, image_dir):
+    ds = _image_dataset(tmp_path, image_dir, tokenizer, [good(0), {**good(1), "id": "gone", "image": "nowhere.png"}],
+                        policy="fail")
+    loader = ResumableLoader.build(ds, micro_batch_size=2, pad_id=tokenizer.pad_id, health=DataHealth(), num_workers=1)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'c.json'} record 1 (id='gone'): [missing_image]")
+    assert "Traceback" not in message and "data.policy=skip" in message

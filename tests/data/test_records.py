@@ -155,3 +155,30 @@ def test_mixture_per_source_image_folder_and_empty_mixture(tmp_path):
     assert m.image_folder(0) == "own"
     with pytest.raises(DataError, match="selects no records"):
         Mixture([DataSource(str(a), 0.0)])
+
+
+def test_parser_failures_are_data_errors_or_bad_records_never_crashes(tmp_path):
+    """Nesting beyond the recursion limit and integers beyond Python's digit limit break the JSON
+    parser with RecursionError / ValueError: a whole file raises DataError, a JSON line is bad_json."""
+    deep = write_json(tmp_path / "deep.json", [])
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(DataError, match=r"deep.json: not valid JSON \(nested too deeply") as info:
+        load_file(deep)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback
+    lines = write_jsonl(tmp_path / "lines.jsonl", [rec(0), "[" * 100000 + "]" * 100000, '{"id": ' + "9" * 5000 + "}", rec(1)])
+    loaded = load_file(lines)
+    assert [r.record_id for r in loaded] == ["r0", None, None, "r1"]
+    assert "nested too deeply" in loaded[1].error and "ValueError" in loaded[2].error and loaded[2].line == 3
+    assert [kinds(r) for r in loaded] == [[], [ProblemKind.BAD_JSON], [ProblemKind.BAD_JSON], []]
+    with pytest.raises(DataError, match="is a directory"):
+        load_file(tmp_path)
+
+
+def test_a_record_too_deep_to_inspect_is_malformed():
+    nested: list = []
+    for _ in range(100000):  # built in Python: deeper than any repr or recursive check can go
+        nested = [nested]
+    raw = RawRecord("x.json", 3, {"id": nested, "conversations": [nested, {"from": "gpt", "value": "a"}]})
+    (problem,) = check_record(raw)
+    assert problem.kind == ProblemKind.MALFORMED and "x.json record 3" in str(problem)
+    assert len(raw.record_id) < 100  # a nested id is named briefly, not printed in full
