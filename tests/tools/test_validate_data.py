@@ -146,3 +146,82 @@ def test_bad_arguments_are_refused(dataset, capsys):
     with pytest.raises(SystemExit):
         _load_cli().main(["--data", str(root / "clean.json"), "--template", "chatml"])
     assert "unknown template" in capsys.readouterr().err
+
+
+def test_readme_command_works_without_max_length(dataset, capsys):
+    """The README's command, as written: the max length is data.max_length's default, printed."""
+    root, images, tok = dataset
+    status, out = run_cli(["--data", str(root / "clean.json"), "--images", str(images), "--tokenizer", str(tok),
+                           "--template", "vicuna_v1"], capsys)
+    assert status == 0 and "max length: 2048 tokens" in out and "no problems found" in out
+
+
+@pytest.fixture(scope="module")
+def image_cases(tmp_path_factory):
+    """Records whose images leave the folder (.., absolute, a link), a 1x8000 strip, deep nesting."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("vimages")
+    images = root / "images"
+    save_images(images, 4, size=32)
+    Image.new("L", (1, 8000)).save(images / "strip.png")
+    save_images(root / "elsewhere", 1, size=32)
+    (images / "link.png").symlink_to(root / "elsewhere" / "img_0000.png")
+    cases = {
+        "dotdot": "../elsewhere/img_0000.png",
+        "absolute": str(root / "elsewhere" / "img_0000.png"),
+        "link": "link.png",
+        "strip": "strip.png",
+    }
+    records = [good(0)] + [{**good(1), "id": rid, "image": name} for rid, name in cases.items()]
+    (root / "imgs.json").write_text(json.dumps(records))
+    deep_line = "[" * 100000 + "]" * 100000
+    (root / "deep.jsonl").write_text(json.dumps(good(2)) + "\n" + deep_line + "\n")
+    (root / "deep.json").write_text(deep_line)
+    return root, images
+
+
+def test_json_report_outside_images_aspect_bound_and_deep_nesting(image_cases, capsys, tmp_path):
+    root, images = image_cases
+    report_path = tmp_path / "out" / "report.json"
+    argv = ["--data", str(root / "imgs.json"), str(root / "deep.jsonl"), str(root / "deep.json"),
+            "--images", str(images), "--json", str(report_path)]
+    status, out = run_cli(argv, capsys)
+    assert status == 1
+    report = json.loads(report_path.read_text())
+    assert report["ok"] is False and report["settings"]["max_aspect_ratio"] == 20.0
+    by_id = {p["id"]: p for p in report["problems"] if p["id"]}
+    assert {rid: p["kind"] for rid, p in by_id.items()} == {
+        "dotdot": ProblemKind.IMAGE_OUTSIDE_FOLDER, "absolute": ProblemKind.IMAGE_OUTSIDE_FOLDER,
+        "link": ProblemKind.IMAGE_OUTSIDE_FOLDER, "strip": ProblemKind.IMAGE_ASPECT_RATIO}
+    assert by_id["strip"] == {"file": str(root / "imgs.json"), "index": 4, "line": None, "id": "strip",
+                              "kind": ProblemKind.IMAGE_ASPECT_RATIO, "at_train_time": by_id["strip"]["at_train_time"],
+                              "reason": f"image {images / 'strip.png'} is 1x8000, an aspect ratio above 20; crop or "
+                                        "drop it, or raise data.max_aspect_ratio (validate_data: --max-aspect-ratio)"}
+    deep_line, = [p for p in report["problems"] if p["file"].endswith("deep.jsonl")]
+    assert (deep_line["index"], deep_line["line"], deep_line["kind"]) == (1, 2, ProblemKind.BAD_JSON)
+    deep_file, = [p for p in report["problems"] if p["file"].endswith("deep.json")]
+    assert deep_file["index"] is None and "nested too deeply" in deep_file["reason"]
+    assert report["counts"] == {ProblemKind.BAD_JSON: 2, ProblemKind.IMAGE_ASPECT_RATIO: 1,
+                                ProblemKind.IMAGE_OUTSIDE_FOLDER: 3}
+    assert [f["bad_records"] for f in report["files"]] == [4, 1, 0] and report["bad_records"] == 5
+    assert "[image_outside_folder]" in out  # the text report is still printed
+    # The explicit options: outside paths accepted, a looser bound; JSON on stdout with '-'.
+    status, out = run_cli(["--data", str(root / "imgs.json"), "--images", str(images), "--allow-images-outside",
+                           "--max-aspect-ratio", "8000", "--json", "-"], capsys)
+    assert status == 0 and json.loads(out)["problems"] == []
+
+
+def test_bad_paths_and_bounds_exit_2(dataset, capsys, tmp_path):
+    root, _, tok = dataset
+    for argv in (["--images", str(tmp_path / "nowhere")], ["--max-aspect-ratio", "0.5"],
+                 ["--tokenizer", str(tok)]):
+        with pytest.raises(SystemExit) as info:
+            _load_cli().main(["--data", str(root / "clean.json"), *argv])
+        assert info.value.code == 2
+    capsys.readouterr()
+    # A tokenizer path that does not exist is a user error: one line, exit status 2, no traceback.
+    status = _load_cli().main(["--data", str(root / "clean.json"), "--tokenizer", str(tmp_path / "none.model"),
+                               "--template", "vicuna_v1"])
+    err = capsys.readouterr().err
+    assert status == 2 and "none.model does not exist" in err and "Traceback" not in err
