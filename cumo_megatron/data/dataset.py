@@ -15,6 +15,13 @@ samples longer than ``max_length`` are truncated as the reference does, unless t
 inside an image's tokens (then skipped as ``too_long``); each truncation is counted too. Records
 the reference would silently alter (a conversation opening with a gpt turn, which it drops) are
 skipped and reported as ``role_order`` instead.
+
+Images are read as `images.image_path` allows (inside the image folder unless
+``allow_images_outside``) and refused above the processor's ``max_aspect_ratio``; both are bad
+records like any other (``image_outside_folder``, ``image_aspect_ratio``). With ``policy="fail"``
+in a DataLoader worker the problem travels to the main process as a fatal `Skipped` marker, which
+`sampler.ResumableLoader` raises there (`fail_error`), so the user reads the message, not the
+worker's traceback.
 """
 
 from __future__ import annotations
