@@ -485,6 +485,10 @@ class Trainer:
         return path
 
     def _save_checkpoint(self, before_commit) -> Path:
+        from cumo_megatron.checkpoint.assets import GenerationSettings, write_generation_assets
+
+        data = self.cfg.data
+        settings = GenerationSettings(template=data.template, aspect=data.aspect)
         return checkpointing.save_checkpoint(
             self.out,
             self.iteration,
@@ -504,6 +508,8 @@ class Trainer:
             provenance=self.provenance,
             keep_last=self.cfg.train.keep_last,
             before_commit=before_commit,
+            # What generation needs: the tokenizer, template and aspect this run's data used.
+            generation_assets=lambda path: write_generation_assets(path, data.tokenizer, settings),
         )
 
 
