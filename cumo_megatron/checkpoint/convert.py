@@ -202,7 +202,7 @@ def _remove_stale_temps(out: Path) -> None:
 class Interrupted(UserError, RuntimeError):
     """The conversion was stopped by a signal (exit status 1: nothing was written)."""
 
-    label = "interrupted"
+    label = "conversion stopped"
     exit_status = EXIT_FAILURE
 
 

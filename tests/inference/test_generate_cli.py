@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cumo_megatron.checkpoint.adapters.common import CheckpointError
+from cumo_megatron.config.loader import ConfigError
 from cumo_megatron.data.templates import SYSTEM_PROMPT
 from cumo_megatron.data.tokenizer import load_tokenizer
 from cumo_megatron.generate import main
@@ -122,7 +123,7 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert "--pp 1" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="neither"):
         load_model(tmp_path)
-    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+    with pytest.raises(ConfigError, match="carries no tokenizer.*pass --tokenizer"):
         default_tokenizer_path(tmp_path / "nothing")
     _, session, _ = setup
     with pytest.raises(ValueError, match="2 image"):
