@@ -402,7 +402,8 @@ def _generation_assets(sources: Sources, kind: str, source_cfg: ModelConfig) -> 
 
     The tokenizer is ``--tokenizer`` when given, else the source's own (the LLM directory, the
     release, or what the source checkpoint carries); it is loaded and checked against the
-    model's vocabulary before anything is written. The template follows the *source* LLM family
+    model's vocabulary before anything is written: a ``--tokenizer`` that fails is refused, a
+    source's own that fails is left out with a warning. The template follows the *source* LLM family
     (an LLM upcycled to Mixtral keeps its chat template) unless the source checkpoint says.
     """
     settings = assets.GenerationSettings(assets.default_template(source_cfg.language.arch))
@@ -424,7 +425,15 @@ def _generation_assets(sources: Sources, kind: str, source_cfg: ModelConfig) -> 
         notes.append(f"warning: {where} holds no tokenizer (tokenizer.model or tokenizer.json), so the checkpoint "
                      "carries none: pass --tokenizer to this tool, or --tokenizer to cumo_megatron.generate")
         return None, settings, notes
-    assets.load_checked_tokenizer(tokenizer, source_cfg.language.vocab_size, "--tokenizer")
+    try:
+        assets.load_checked_tokenizer(tokenizer, source_cfg.language.vocab_size, "--tokenizer")
+    except CheckpointError as err:
+        if sources.tokenizer is not None:
+            raise
+        # The source's own tokenizer does not work with us: the weights still convert (training
+        # names its tokenizer itself); generation will ask for --tokenizer.
+        notes.append(f"warning: {err}; the checkpoint carries no tokenizer")
+        return None, settings, notes
     return tokenizer, settings, notes
 
 

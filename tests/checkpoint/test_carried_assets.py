@@ -154,6 +154,15 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_conversion(src, tm
                                       "--out", str(out), "--quiet"],
            EXIT_CHECKPOINT, "has 400 ids but the model's vocabulary has 320", "--tokenizer")
     assert not out.exists()
+    # The source's own misfit tokenizer is left out with a warning: the weights still convert.
+    release = tmp_path / "release"
+    shutil.copytree(src["release"].path, release)
+    shutil.copyfile(big, release / "tokenizer.model")
+    capsys.readouterr()
+    assert upcycle_cli.main(["--cumo", str(release), "--out", str(out), "--quiet"]) == 0
+    report = capsys.readouterr().out
+    assert "warning:" in report and "has 400 ids" in report and "carries no tokenizer" in report
+    assert assets.carried_tokenizer(out) is None
 
 
 def test_generate_loads_a_release_with_clip_dir(src, tmp_path, capsys):
