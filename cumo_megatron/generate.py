@@ -16,8 +16,10 @@ an original CuMo release directory (converted on the fly, TP = 1; ``--clip-dir``
 CLIP a release names by hub id). The tokenizer, the template and the image aspect handling are
 those the checkpoint carries (`cumo_megatron.checkpoint.assets`); ``--tokenizer``, ``--template``
 and ``--aspect`` override them. Exit status: 2 for bad options, 4 for a bad batch file or image,
-5 for an unusable checkpoint or tokenizer; one line with the reason, no traceback. Greedy decoding when ``--temperature`` is 0 (the default), else temperature + top-p
-sampling seeded by ``--seed``. Under ``torchrun`` the world is split into ``--pp`` pipeline stages
+5 for an unusable checkpoint or tokenizer; one line with the reason, no traceback.
+
+Greedy decoding when ``--temperature`` is 0 (the default), else temperature + top-p sampling
+seeded by ``--seed``. Under ``torchrun`` the world is split into ``--pp`` pipeline stages
 (default 1) of ``--tp`` ranks (default: all the rest); only rank 0 prints and writes.
 
 ``--contrast-weak-topk K --contrast-alpha A`` turn on self-contrast decoding of an MoE model (SCMoE,
