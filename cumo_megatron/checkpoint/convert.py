@@ -20,6 +20,9 @@ checkpoints one tensor at a time too.
 
 Outputs are atomic (`atomic_output`): written to a hidden sibling temp directory and renamed into
 place at the end; on any error, SIGINT or SIGTERM nothing is left behind.
+
+Imports carry what generation needs (`assets`: the source's tokenizer, the chat template and the
+image aspect handling); exports write the carried tokenizer as ``AutoTokenizer`` loads it.
 """
 
 from __future__ import annotations
@@ -851,8 +854,6 @@ def run_with_progress(desc: str, quiet: bool, convert) -> int:
     refuse, reported by code below the tools as a plain ``OSError``/``ValueError``, becomes a
     `CheckpointError`: a conversion's inputs are checkpoints.
     """
-    from cumo_megatron.errors import UserError
-
     progress = TensorProgress(desc, quiet)
     try:
         summary = convert(progress)
