@@ -7,8 +7,10 @@
 (a HF ``CLIPVisionModel``, or the CLIP layout it was imported from) and a dense connector to
 ``mm_projector.bin`` (LLaVA); an MoE vision tower / connector go to ``multimodal.safetensors`` in
 the original CuMo release names, with the release ``config.json``. ``--format release`` writes one
-original CuMo release directory. The output appears complete or not at all; exit status 1 with the
-reason on any problem.
+original CuMo release directory. The LLM's tokenizer goes with it (into ``language/``, or the
+release directory), written so ``transformers.AutoTokenizer.from_pretrained`` loads it. The output
+appears complete or not at all. Exit status: 5 for an unusable checkpoint or output, 2 for bad
+arguments, 1 when interrupted; one line with the reason, no traceback (``CUMO_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Run the export; return the exit status."""
-    args = parse_args(argv)
-    from cumo_megatron.checkpoint.convert import export_checkpoint, run_cli
+    """Run the export; return the exit status (user errors: `cumo_megatron.errors.run_cli`)."""
+    from cumo_megatron.errors import run_cli
 
-    return run_cli(
+    return run_cli(_export, argv)
+
+
+def _export(argv) -> int:
+    args = parse_args(argv)
+    from cumo_megatron.checkpoint.convert import export_checkpoint, run_with_progress
+
+    return run_with_progress(
         "exporting", args.quiet,
         lambda progress: export_checkpoint(args.checkpoint, args.out, args.format, args.overwrite, progress),
     )

@@ -16,8 +16,11 @@ An original CuMo release::
 
 The output directory is what the trainer's ``train.load`` takes. It loads at any TP x PP x EP
 layout the model config allows; ``--tp/--pp/--ep/--etp`` only check the layout you intend to
-train at. The directory appears complete or not at all; exit status 1 (with the reason) on any
-problem, 2 on bad arguments.
+train at. It carries what generation needs (`cumo_megatron.checkpoint.assets`): the source's
+tokenizer files (or ``--tokenizer``'s) and the chat template, so ``python -m cumo_megatron.generate
+--load OUT`` needs no other flag. The directory appears complete or not at all. Exit status: 5 for
+an unusable source or output (checkpoint error), 2 for a bad configuration or arguments, 1 when
+interrupted; one line with the reason, no traceback (``CUMO_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--cumo", type=Path, help="an original CuMo release directory")
     src.add_argument("--clip-dir", type=Path, help="with --cumo: the CLIP checkpoint the release names")
     src.add_argument("--from-checkpoint", type=Path, help="one of our (dense, stage-2) checkpoints")
+    src.add_argument("--tokenizer", type=Path, help="tokenizer.model or tokenizer directory to carry into --out "
+                     "(default: the one in --language / --cumo / --from-checkpoint)")
     up = p.add_argument_group("upcycling (experts = copies of the dense MLP, routers fresh)")
     up.add_argument("--vision-experts", type=int, help="experts per CLIP-MoE layer (default: vision stays as is)")
     up.add_argument("--vision-layers", type=_layers, help="built ViT layers to make MoE, e.g. 0,1,2 (default: all)")
@@ -65,26 +70,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    """Run the conversion; return the exit status."""
+    """Run the conversion; return the exit status (user errors: `cumo_megatron.errors.run_cli`)."""
+    from cumo_megatron.errors import run_cli
+
+    return run_cli(_convert, argv)
+
+
+def _convert(argv) -> int:
     args = parse_args(argv)
     from cumo_megatron.checkpoint.convert import (
         Sources,
         UpcycleOptions,
         import_checkpoint,
-        run_cli,
+        run_with_progress,
     )
     from cumo_megatron.config.schema import ParallelConfig
 
     sources = Sources(
         vision=args.vision, language=args.language, connector=args.connector, cumo=args.cumo,
-        from_checkpoint=args.from_checkpoint, clip_dir=args.clip_dir,
+        from_checkpoint=args.from_checkpoint, clip_dir=args.clip_dir, tokenizer=args.tokenizer,
     )
     upcycle = UpcycleOptions(
         vision_experts=args.vision_experts, connector_experts=args.connector_experts, llm_experts=args.llm_experts,
         top_k=args.top_k, vision_layers=args.vision_layers, seed=args.router_seed,
     )
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp)
-    return run_cli(
+    return run_with_progress(
         "converting", args.quiet,
         lambda progress: import_checkpoint(
             sources, args.out, upcycle, parallel, args.overrides, args.overwrite, progress

@@ -20,6 +20,9 @@ checkpoints one tensor at a time too.
 
 Outputs are atomic (`atomic_output`): written to a hidden sibling temp directory and renamed into
 place at the end; on any error, SIGINT or SIGTERM nothing is left behind.
+
+Imports carry what generation needs (`assets`: the source's tokenizer, the chat template and the
+image aspect handling); exports write the carried tokenizer as ``AutoTokenizer`` loads it.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ from cumo_megatron.checkpoint.adapters.vision import (
     vision_config_from_open_clip,
 )
 from cumo_megatron.checkpoint.io import open_checkpoint, read_json, write_safetensors
-from cumo_megatron.checkpoint import ours
+from cumo_megatron.checkpoint import assets, ours
 from cumo_megatron.config.loader import ConfigError, apply_overrides, from_dict, to_dict, validate_tree
 from cumo_megatron.config.schema import (
     ConnectorConfig,
@@ -78,6 +81,7 @@ from cumo_megatron.config.schema import (
     ParallelConfig,
     check_parallel_layout,
 )
+from cumo_megatron.errors import EXIT_FAILURE, UserError
 
 PathLike = Union[str, Path]
 Progress = Optional[Callable[[int, int, str], None]]  # (done, total, current tensor name)
@@ -130,20 +134,21 @@ class Sources:
     cumo: Optional[Path] = None
     from_checkpoint: Optional[Path] = None
     clip_dir: Optional[Path] = None  # the CLIP a release names (releases name a hub id)
+    tokenizer: Optional[Path] = None  # the tokenizer to carry (default: the source's own)
 
     def check(self) -> str:
         """The kind of source (``release``, ``ours``, ``modules``); raise on a bad combination."""
         modules = [n for n in ("vision", "language", "connector") if getattr(self, n) is not None]
         whole = [n for n in ("cumo", "from_checkpoint") if getattr(self, n) is not None]
         if len(whole) > 1 or (whole and modules):
-            raise CheckpointError(
+            raise ConfigError(
                 f"give either --cumo, --from-checkpoint, or --vision/--language[/--connector]; got "
                 f"{', '.join('--' + n.replace('_', '-') for n in whole + modules)}"
             )
         if whole:
             return "release" if whole[0] == "cumo" else "ours"
         if self.vision is None or self.language is None:
-            raise CheckpointError("per-module sources need both --vision and --language (--connector is optional)")
+            raise ConfigError("per-module sources need both --vision and --language (--connector is optional)")
         return "modules"
 
 
@@ -197,8 +202,11 @@ def _remove_stale_temps(out: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class Interrupted(RuntimeError):
-    """The conversion was stopped by a signal."""
+class Interrupted(UserError, RuntimeError):
+    """The conversion was stopped by a signal (exit status 1: nothing was written)."""
+
+    label = "conversion stopped"
+    exit_status = EXIT_FAILURE
 
 
 @contextlib.contextmanager
@@ -392,6 +400,46 @@ def _plan_ours(sources: Sources, overrides: Sequence[str]) -> _Plan:
     return _Plan(model_cfg, state, ours.read_passthrough(directory), info, jsons)
 
 
+def _generation_assets(sources: Sources, kind: str, source_cfg: ModelConfig) -> tuple:
+    """``(tokenizer source or None, GenerationSettings, notes)`` of the checkpoint being written.
+
+    The tokenizer is ``--tokenizer`` when given, else the source's own (the LLM directory, the
+    release, or what the source checkpoint carries); it is loaded and checked against the
+    model's vocabulary before anything is written: a ``--tokenizer`` that fails is refused, a
+    source's own that fails is left out with a warning. The template follows the *source* LLM family
+    (an LLM upcycled to Mixtral keeps its chat template) unless the source checkpoint says.
+    """
+    settings = assets.GenerationSettings(assets.default_template(source_cfg.language.arch))
+    if kind == "release":
+        where = Path(sources.cumo)
+        settings.aspect = assets.aspect_of_release(read_json(where, "config.json", required=False) or {})
+    elif kind == "ours":
+        src = ours.resolve_checkpoint_dir(sources.from_checkpoint)
+        settings = assets.read_generation_settings(src) or settings
+        where = src / assets.TOKENIZER_DIR
+    else:
+        where = sources.language if sources.language.is_dir() else sources.language.parent
+    tokenizer = Path(sources.tokenizer) if sources.tokenizer is not None else where
+    notes = []
+    if not assets.tokenizer_files(tokenizer):
+        if sources.tokenizer is not None:
+            raise CheckpointError(f"--tokenizer {tokenizer} holds no tokenizer (a tokenizer.model file, or a "
+                                  "directory with tokenizer.model or tokenizer.json)")
+        notes.append(f"warning: {where} holds no tokenizer (tokenizer.model or tokenizer.json), so the checkpoint "
+                     "carries none: pass --tokenizer to this tool, or --tokenizer to cumo_megatron.generate")
+        return None, settings, notes
+    try:
+        assets.load_checked_tokenizer(tokenizer, source_cfg.language.vocab_size, "--tokenizer")
+    except CheckpointError as err:
+        if sources.tokenizer is not None:
+            raise
+        # The source's own tokenizer does not work with us: the weights still convert (training
+        # names its tokenizer itself); generation will ask for --tokenizer.
+        notes.append(f"warning: {err}; the checkpoint carries no tokenizer")
+        return None, settings, notes
+    return tokenizer, settings, notes
+
+
 def _chain(streams: list) -> Iterator:
     for stream in streams:
         yield from stream
@@ -470,6 +518,7 @@ def import_checkpoint(
     target_cfg = upcycled_config(plan.model_cfg, upcycle) if upcycle.any else plan.model_cfg
     parallel.validate()
     check_parallel_layout(target_cfg, parallel)
+    tokenizer, generation, asset_notes = _generation_assets(sources, kind, plan.model_cfg)
 
     from cumo_megatron.checkpoint.io import check_named_tensors
     from cumo_megatron.checkpoint.streaming import (
@@ -540,6 +589,7 @@ def import_checkpoint(
             dest = tmp / ours.SOURCE_DIR / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
+        assets.write_generation_assets(tmp, tokenizer, generation)
         params = count_params(model)
         del model
         size = ours.checkpoint_bytes(tmp)
@@ -551,6 +601,7 @@ def import_checkpoint(
                      f"{', '.join(wider)}; those weights were rounded (exports will not be bit-exact)")
     if plan.fresh_connector:
         notes.append("connector: freshly initialised (no --connector given)")
+    notes += asset_notes
     return Summary(out, target_cfg, params, size, time.time() - start, total, notes)
 
 
@@ -678,8 +729,19 @@ def export_checkpoint(
             _export_release(state, model_cfg, passthrough, dtypes, checkpoint, tmp, go)
         else:
             _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, go)
+        notes = _export_tokenizer(checkpoint, tmp if fmt == "release" else tmp / "language")
         size = ours.checkpoint_bytes(tmp)
-    return Summary(out, model_cfg, params, size, time.time() - start, counter[0])
+    return Summary(out, model_cfg, params, size, time.time() - start, counter[0], notes)
+
+
+def _export_tokenizer(checkpoint: Path, dest: Path) -> list[str]:
+    """The carried tokenizer into ``dest`` (the LLM's directory), as ``AutoTokenizer`` reads it; notes."""
+    carried = assets.carried_tokenizer(checkpoint)
+    if carried is None:
+        return [f"warning: {checkpoint} carries no tokenizer, so {dest.name}/ has none (AutoTokenizer cannot load "
+                "it): convert the checkpoint again with tools/upcycle_checkpoint.py --tokenizer, or copy one there"]
+    assets.export_hf_tokenizer(carried, dest)
+    return []
 
 
 def _export_release(state, model_cfg, passthrough, dtypes, checkpoint, tmp, go) -> None:
@@ -745,6 +807,8 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         shutil.rmtree(mdir)
         base = _read_source_json(checkpoint, "release/config.json")
         (tmp / "config.json").write_text(json.dumps(release_config(model_cfg, base=base), indent=2, sort_keys=True) + "\n")
+        if model_cfg.vision.moe is not None:  # the image processor beside the vision tower it feeds
+            (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model_cfg), indent=2) + "\n")
 
 
 # Fields of a release config.json that describe the multimodal wrapper, not the LLM.
@@ -782,19 +846,21 @@ class TensorProgress:
             self.bar = None
 
 
-def run_cli(desc: str, quiet: bool, convert) -> int:
-    """Run ``convert(progress)`` for a tool: print its summary, or one ``error:`` line; exit status."""
-    import sys
+def run_with_progress(desc: str, quiet: bool, convert) -> int:
+    """Run ``convert(progress)`` for a tool with a progress bar; print its summary; return 0.
 
-    from cumo_megatron.checkpoint.adapters.common import CheckpointError
-    from cumo_megatron.config.loader import ConfigError
-
+    User errors propagate to `cumo_megatron.errors.run_cli`, which the tools wrap their main with
+    (one line, the error's exit status). A missing or unreadable file, or a value the adapters
+    refuse, reported by code below the tools as a plain ``OSError``/``ValueError``, becomes a
+    `CheckpointError`: a conversion's inputs are checkpoints.
+    """
     progress = TensorProgress(desc, quiet)
     try:
         summary = convert(progress)
-    except (CheckpointError, ConfigError, FileNotFoundError, Interrupted, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except UserError:
+        raise
+    except (OSError, ValueError) as err:
+        raise CheckpointError(str(err)) from err
     finally:
         progress.close()
     print(summary.format())

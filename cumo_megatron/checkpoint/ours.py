@@ -9,6 +9,8 @@ trainer's ``train.load`` reads)::
     conversion.json            provenance: sources, their layouts and dtypes, target layout, sizes
     passthrough.safetensors    (optional) source tensors the model does not use, so exports are exact
     source/                    (optional) the sources' JSON configs, reused by exports
+    tokenizer/, generation.json  what generation needs: the LLM's tokenizer files, the template
+                               and image aspect handling (`cumo_megatron.checkpoint.assets`)
 
 The torch_dist format stores global tensors with their shard offsets, so a checkpoint written by one
 process loads at any layout the model config allows (megatron reshards at load time), and one

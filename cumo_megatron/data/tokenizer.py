@@ -68,11 +68,17 @@ class Tokenizer:
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
+        negative = [i for i in ids if i < 0]
+        if negative:
             raise ValueError(
-                f"cannot decode ids {bad[:5]}: ids must lie in [0, {self.vocab_size}); image placeholders "
-                "(negative ids) must be removed before decoding"
+                f"cannot decode ids {negative[:5]}: image placeholders (negative ids) must be removed before decoding"
+            )
+        beyond = [i for i in ids if i >= self.vocab_size]
+        if beyond:
+            raise ValueError(
+                f"cannot decode ids {beyond[:5]}: this tokenizer has ids 0..{self.vocab_size - 1} only; the ids come "
+                "from a model with a larger vocabulary (generate with vocab_limit=tokenizer.vocab_size, or use the "
+                "model's own tokenizer)"
             )
         return ids
 

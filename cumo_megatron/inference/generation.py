@@ -249,6 +249,7 @@ def generate(
     use_cache: bool = True,
     contrast: Optional[ContrastSettings] = None,
     left_pad_b: Optional[torch.Tensor] = None,
+    vocab_limit: Optional[int] = None,
 ) -> torch.Tensor:
     """New tokens ``[b, n <= max_new_tokens]`` after the prompts ``input_ids [b, s]``.
 
@@ -265,6 +266,10 @@ def generate(
     ``contrast`` (`contrast.ContrastSettings`; None: plain decoding) turns
     on self-contrast decoding: a second pass with weak routing, with its own KV cache, and the
     choice made on `contrast.contrast_scores` of the two.
+
+    ``vocab_limit``: only ids below it are chosen (None: the whole vocabulary). An embedding table
+    padded beyond the tokenizer has rows no text maps to; their logits are cut off before
+    sampling (and before the contrast), so the distribution is the one over the tokenizer's ids.
     """
     _check_model(model)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -273,6 +278,8 @@ def generate(
         if _pp_size() > 1:
             raise ValueError("self-contrast decoding runs with one pipeline stage (use TP to split the model)")
         check_contrast(model, contrast)
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
     b = input_ids.shape[0]
     generator = torch.Generator().manual_seed(seed)
     finished_b = torch.zeros(b, dtype=torch.bool)
@@ -286,10 +293,10 @@ def generate(
             if contrast is not None else None)
     for _ in range(max_new_tokens):
         last_b = new_tokens[-1] if new_tokens else None
-        logits_bv = strong(last_b)
+        logits_bv = _limited(strong(last_b), vocab_limit)
         if weak is not None:
             with weak_routing(model, contrast):
-                weak_bv = weak(last_b)
+                weak_bv = _limited(weak(last_b), vocab_limit)
             logits_bv = contrast_scores(logits_bv, weak_bv, contrast.alpha, contrast.beta)
         if logits_bv is None:  # not the last pipeline stage: the token comes from there
             nxt_b = input_ids.new_empty(b)
@@ -306,6 +313,13 @@ def generate(
     if not new_tokens:
         return input_ids.new_zeros(b, 0)
     return torch.stack(new_tokens, dim=1)
+
+
+def _limited(logits_bv: Optional[torch.Tensor], vocab_limit: Optional[int]) -> Optional[torch.Tensor]:
+    """The logits of the first ``vocab_limit`` ids (all of them when None; None off the last stage)."""
+    if logits_bv is None or vocab_limit is None:
+        return logits_bv
+    return logits_bv[:, :vocab_limit]
 
 
 def strip_after_eos(tokens: list[int], eos_id: Optional[int]) -> list[int]:

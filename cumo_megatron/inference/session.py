@@ -1,12 +1,20 @@
 """A loaded model with its tokenizer and image processor, answering questions about images.
 
 `load_model` accepts our checkpoint directory (``model_config.yaml`` + a megatron dist checkpoint;
-any TP layout, megatron reshards) or an original CuMo release directory (HF-style
-``config.json`` + safetensors), converted on the fly with the checkpoint adapters (world of one).
+any TP layout, megatron reshards; a trainer's save directory stands for its ``latest``) or an
+original CuMo release directory (HF-style ``config.json`` + safetensors), converted on the fly
+with the checkpoint adapters (world of one; ``clip_dir`` for a release whose vision tower is not
+local). `default_tokenizer_path` and `generation_settings` find what the checkpoint carries
+(`cumo_megatron.checkpoint.assets`).
+
+A tokenizer with fewer ids than the model's vocabulary is accepted (a padded embedding table, as
+the trainer accepts it): `InferenceSession` generates only ids the tokenizer has. One with more is
+refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +23,9 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
+from cumo_megatron.checkpoint import assets
 from cumo_megatron.checkpoint.adapters.common import CheckpointError
+from cumo_megatron.config.loader import ConfigError
 from cumo_megatron.config.schema import ModelConfig, ParallelConfig
 from cumo_megatron.data.images import ImageProcessor, load_rgb
 from cumo_megatron.data.tokenizer import Tokenizer
@@ -31,16 +41,22 @@ def _is_release(directory: Path) -> bool:
     return (directory / "config.json").is_file()
 
 
-def load_model(load: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
+def load_model(load: str | Path, clip_dir: Optional[str | Path] = None) -> tuple[torch.nn.Module, ModelConfig]:
     """Build the model (this rank's pipeline stage) for the initialised TP and PP sizes and load
     weights from ``load`` (eval mode). Parallel state must be initialised
-    (`cumo_megatron.platform.initialize`)."""
+    (`cumo_megatron.platform.initialize`). ``clip_dir``: for a release, the local CLIP checkpoint
+    its ``mm_vision_tower`` names (``--clip-dir``); our checkpoints hold their vision tower."""
     from cumo_megatron.checkpoint import ours
 
-    directory = Path(load)
+    directory = ours.resolve_checkpoint_dir(load)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if ours.is_model_checkpoint(directory):
+        if clip_dir is not None:
+            raise ConfigError(
+                f"--clip-dir is for an original CuMo release; {directory} is a cumo-megatron checkpoint, "
+                "which holds its vision tower: leave --clip-dir out"
+            )
         cfg = ours.read_model_config(directory)
         model = build_model(cfg, ParallelConfig(tp=tp, pp=pp))
         ours.load_model_checkpoint(model, directory)
@@ -53,7 +69,7 @@ def load_model(load: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
                 f"{directory} is an original CuMo release; it loads on the fly at TP=1, PP=1 only. Convert it "
                 "first (tools/upcycle_checkpoint.py) to load it at TP > 1 or PP > 1"
             )
-        cfg = model_config_from_release(directory)
+        cfg = model_config_from_release(directory, clip_dir=clip_dir)
         model = build_model(cfg, ParallelConfig())
         load_into(model, release_to_megatron(open_checkpoint(directory), cfg), strict=True)
     else:
@@ -67,22 +83,46 @@ def load_model(load: str | Path) -> tuple[torch.nn.Module, ModelConfig]:
 
 
 def default_tokenizer_path(load: str | Path) -> Path:
-    """``tokenizer.model`` next to the checkpoint (inside it, else beside it), else the directory."""
-    directory = Path(load)
+    """The tokenizer ``load`` carries: our checkpoint's ``tokenizer/``, else a ``tokenizer.model``
+    inside the directory or beside it (a release; checkpoints written before tokenizers were
+    carried), else the directory itself when it holds an HF tokenizer. `ConfigError` naming
+    ``--tokenizer`` when there is none."""
+    from cumo_megatron.checkpoint import ours
+
+    directory = ours.resolve_checkpoint_dir(load)
+    carried = assets.carried_tokenizer(directory)
+    if carried is not None:
+        return carried
     for candidate in (directory / "tokenizer.model", directory.parent / "tokenizer.model"):
         if candidate.is_file():
             return candidate
-    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer_config.json").is_file():
+    if (directory / "tokenizer.json").is_file():
         return directory
-    raise FileNotFoundError(
-        f"no tokenizer found for {directory} (looked for tokenizer.model inside and beside it, and an HF "
-        "tokenizer in it); pass --tokenizer"
+    raise ConfigError(
+        f"{directory} carries no tokenizer (no {assets.TOKENIZER_DIR}/, no tokenizer.model inside or beside it, "
+        "no tokenizer.json): pass --tokenizer (a tokenizer.model file or tokenizer directory), or convert the "
+        "checkpoint again with tools/upcycle_checkpoint.py --tokenizer"
     )
+
+
+def generation_settings(load: str | Path, cfg: ModelConfig) -> assets.GenerationSettings:
+    """The template and image aspect handling ``load`` carries (``generation.json``), else the
+    defaults: the template of the LLM family, pad-to-square (a release: its ``image_aspect_ratio``)."""
+    from cumo_megatron.checkpoint import ours
+
+    directory = ours.resolve_checkpoint_dir(load)
+    carried = assets.read_generation_settings(directory)
+    if carried is not None:
+        return carried
+    settings = assets.GenerationSettings(default_template(cfg))
+    if (directory / "config.json").is_file() and not ours.is_model_checkpoint(directory):
+        settings.aspect = assets.aspect_of_release(json.loads((directory / "config.json").read_text()))
+    return settings
 
 
 def default_template(cfg: ModelConfig) -> str:
     """The chat template the released models use for their LLM family."""
-    return "mistral_instruct" if cfg.language.arch in ("mistral", "mixtral") else "vicuna_v1"
+    return assets.default_template(cfg.language.arch)
 
 
 @dataclass
@@ -111,11 +151,12 @@ class InferenceSession:
         self.tokenizer = tokenizer
         self.template = template or default_template(cfg)
         self.processor = ImageProcessor.from_vision_config(cfg.vision, aspect=aspect)
-        if tokenizer.vocab_size > cfg.language.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                f"{cfg.language.vocab_size}: they do not belong together"
-            )
+        assets.check_tokenizer_fits(tokenizer, cfg.language.vocab_size, repr(tokenizer))
+        # Rows of a padded embedding table beyond the tokenizer are never generated.
+        self.vocab_limit = tokenizer.vocab_size if tokenizer.vocab_size < cfg.language.vocab_size else None
+        if self.vocab_limit is not None:
+            log.info("the model's vocabulary has %d ids, the tokenizer %d: ids %d and up are never generated",
+                     cfg.language.vocab_size, tokenizer.vocab_size, tokenizer.vocab_size)
 
     def answer(
         self,
@@ -169,6 +210,7 @@ class InferenceSession:
             seed=seed,
             contrast=contrast,
             left_pad_b=left_pad_b,
+            vocab_limit=self.vocab_limit,
         )
         answers = []
         for prompt, row in zip(prompts, tokens_bn.tolist()):
@@ -190,4 +232,5 @@ class InferenceSession:
         return prompt, ids, images
 
 
-__all__ = ["load_model", "default_tokenizer_path", "default_template", "Answer", "InferenceSession"]
+__all__ = ["load_model", "default_tokenizer_path", "generation_settings", "default_template", "Answer",
+           "InferenceSession"]

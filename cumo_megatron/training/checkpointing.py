@@ -25,6 +25,9 @@ Every ``iter_N`` is also a *model checkpoint* (`cumo_megatron.checkpoint.ours`):
                                   # copied from the checkpoint the run started from (train.load),
                                   # when it has them: exports stay exact for tensors the model
                                   # does not hold
+        tokenizer/, generation.json
+                                  # the run's data.tokenizer, data.template and data.aspect, so
+                                  # generation needs no other flag (`cumo_megatron.checkpoint.assets`)
 
 megatron puts every non-tensor entry of a checkpoint into ``common.pt``, which a model-only load
 returns in full; keeping the optimizer's plain entries and the scheduler in one sharded object
@@ -250,6 +253,7 @@ def save_checkpoint(
     provenance: Optional[str | os.PathLike] = None,
     keep_last: int = 2,
     before_commit: Optional[Callable[[Path], None]] = None,
+    generation_assets: Optional[Callable[[Path], object]] = None,
 ) -> Path:
     """Write checkpoint ``iteration`` atomically (collective: every rank calls it).
 
@@ -258,7 +262,8 @@ def save_checkpoint(
     ``model_cfg`` (a `ModelConfig`) the checkpoint is also a model checkpoint of ours
     (``model_config.yaml``); ``provenance`` is a checkpoint whose conversion records are carried
     over. ``before_commit`` runs on every rank after all data is written and before the rename
-    (a test hook).
+    (a test hook). ``generation_assets(directory)`` (rank 0) writes what generation needs
+    (`cumo_megatron.checkpoint.assets.write_generation_assets`).
     """
     root = Path(save_dir)
     final = iteration_dir(root, iteration)
@@ -288,6 +293,8 @@ def save_checkpoint(
         if model_cfg is not None:
             save_config(model_cfg, tmp / ours.MODEL_CONFIG)
         _copy_provenance(Path(provenance) if provenance else None, tmp)
+        if generation_assets is not None:
+            generation_assets(tmp)
     _barrier()
     if before_commit is not None:
         before_commit(tmp)

@@ -495,6 +495,10 @@ class Trainer:
             print(skipped_report.summary_line(report, path), flush=True)
 
     def _save_checkpoint(self, before_commit) -> Path:
+        from cumo_megatron.checkpoint.assets import GenerationSettings, write_generation_assets
+
+        data = self.cfg.data
+        settings = GenerationSettings(template=data.template, aspect=data.aspect)
         return checkpointing.save_checkpoint(
             self.out,
             self.iteration,
@@ -514,6 +518,8 @@ class Trainer:
             provenance=self.provenance,
             keep_last=self.cfg.train.keep_last,
             before_commit=before_commit,
+            # What generation needs: the tokenizer, template and aspect this run's data used.
+            generation_assets=lambda path: write_generation_assets(path, data.tokenizer, settings),
         )
 
 

@@ -3,7 +3,8 @@
 Round trips are bit-exact (same keys, dtypes and values) at the world of one, and after the
 checkpoint was loaded and re-saved at TP2 (SP), EP2 and PP2 by 2 gloo ranks; co-upcycling from a
 dense stage-2 checkpoint copies every MLP into its experts, starts the routers fresh and keeps the
-model's output; failures exit 1 with the reason and leave no output directory behind.
+model's output; failures exit with their class's status (checkpoint 5, configuration 2,
+interrupted 1) and one line of reason, and leave no output directory behind.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cumo_megatron.checkpoint.convert import (
     import_checkpoint,
 )
 from cumo_megatron.config.schema import ParallelConfig
+from cumo_megatron.errors import EXIT_CHECKPOINT, EXIT_CONFIG
 from cumo_megatron.moe.upcycling import fresh_router_weight
 from tests.fixtures.tiny_models import (
     random_images,
@@ -257,13 +259,13 @@ def test_upcycling_refuses_an_impossible_layout(dense, tmp_path, capsys):
     out = tmp_path / "stage3"
     rc = upcycle_cli.main(["--from-checkpoint", str(dense), "--vision-experts", "3", "--ep", "2",
                            "--out", str(out), "--quiet"])
-    assert rc == 1
+    assert rc == EXIT_CONFIG
     assert "num_experts=3 is not divisible by parallel.ep=2" in capsys.readouterr().err
     _no_leftovers(out)
 
 
 # ------------------------------------------------------------------------------------------------
-# Failures: a clear message, exit status 1, nothing left behind
+# Failures: a clear message, the error class's exit status, nothing left behind
 # ------------------------------------------------------------------------------------------------
 
 
@@ -305,9 +307,9 @@ def test_damaged_language_source_fails_cleanly(sources, tmp_path, capsys, damage
     expected = damage(lm)
     out = tmp_path / "out"
     rc = upcycle_cli.main(["--vision", str(sources["clip"]), "--language", str(lm), "--out", str(out), "--quiet"])
-    assert rc == 1
+    assert rc == EXIT_CHECKPOINT
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and expected in err, err
+    assert err.startswith("checkpoint error: ") and expected in err and "Traceback" not in err, err
     _no_leftovers(out)
 
 
@@ -320,7 +322,7 @@ def test_failure_while_streaming_removes_the_partial_output(sources, tmp_path, c
     out = tmp_path / "out"
     rc = upcycle_cli.main(["--vision", str(sources["clip"]), "--language", str(sources["llama"]),
                            "--connector", str(bad), "--out", str(out), "--quiet"])
-    assert rc == 1
+    assert rc == EXIT_CHECKPOINT
     err = capsys.readouterr().err
     assert "model.mm_projector.2.weight" in err and "[64, 65]" in err, err
     _no_leftovers(out)
@@ -339,16 +341,16 @@ def test_pickles_with_objects_are_refused_and_existing_output_kept(sources, dens
                            "--connector", str(evil), "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     # Refused by the weights-only unpickler (io.py words it as "damaged ... Weights only load failed").
-    assert rc == 1 and "mm_projector.bin" in captured.err and "Weights only load failed" in captured.err
+    assert rc == EXIT_CHECKPOINT and "mm_projector.bin" in captured.err and "Weights only load failed" in captured.err
     assert "pwned" not in captured.out + captured.err
     _no_leftovers(out)
     # An existing output is refused (and kept) unless --overwrite.
     rc = upcycle_cli.main(["--from-checkpoint", str(dense), "--out", str(dense), "--quiet"])
-    assert rc == 1 and "already exists" in capsys.readouterr().err
+    assert rc == EXIT_CHECKPOINT and "already exists" in capsys.readouterr().err
     assert ours.is_model_checkpoint(dense)
     rc = upcycle_cli.main(["--cumo", str(sources["release"]), "--vision", str(sources["clip"]),
                            "--out", str(out), "--quiet"])
-    assert rc == 1 and "give either" in capsys.readouterr().err
+    assert rc == EXIT_CONFIG and "give either" in capsys.readouterr().err
 
 
 def _start_cli(args, env_extra):

@@ -88,6 +88,9 @@ def test_decode(tok):
     assert tok.id_to_piece(EOS) == "</s>"
     with pytest.raises(ValueError, match="image placeholders"):
         tok.decode([BOS, -200, 5])
+    # An id beyond the tokenizer is not called a placeholder: it names the tokenizer's range.
+    with pytest.raises(ValueError, match=rf"ids \[{tok.vocab_size}\]: this tokenizer has ids 0..{tok.vocab_size - 1} only"):
+        tok.decode([BOS, tok.vocab_size, 5])
 
 
 def test_from_directory_reads_tokenizer_config(sp_dir, tmp_path, raw):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cumo_megatron.checkpoint.adapters.common import CheckpointError
+from cumo_megatron.config.loader import ConfigError
 from cumo_megatron.data.templates import SYSTEM_PROMPT
 from cumo_megatron.data.tokenizer import load_tokenizer
 from cumo_megatron.generate import main
@@ -122,8 +123,33 @@ def test_cli_errors(setup, tmp_path, capsys):
     assert "--pp 1" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="neither"):
         load_model(tmp_path)
-    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+    with pytest.raises(ConfigError, match="carries no tokenizer.*pass --tokenizer"):
         default_tokenizer_path(tmp_path / "nothing")
     _, session, _ = setup
     with pytest.raises(ValueError, match="2 image"):
         session.answer("<image>\nQ", images, max_new_tokens=1)
+
+
+def test_user_errors_are_one_line_with_their_status(setup, tmp_path, capsys, monkeypatch):
+    """A missing --tokenizer, an <image> count that does not fit --image and a bad batch record end
+    the command with one line naming the flag or record, their class's exit status, no traceback."""
+    from cumo_megatron.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA
+
+    monkeypatch.delenv("CUMO_DEBUG", raising=False)
+    release, _, images = setup
+    bad_batch = tmp_path / "q.jsonl"
+    bad_batch.write_text(json.dumps({"id": "r1", "conversations": [{"from": "gpt", "value": "A"}]}) + "\n")
+    cases = [
+        (["--prompt", "Q", "--tokenizer", str(tmp_path / "missing.model")], EXIT_CHECKPOINT,
+         ["checkpoint error:", "missing.model", "--tokenizer"]),
+        (["--prompt", "<image>\nQ", "--image", str(images[0]), "--image", str(images[1])], EXIT_CONFIG,
+         ["configuration error: --prompt/--image:", "2 image"]),
+        (["--batch", str(bad_batch), "--out", str(tmp_path / "a.jsonl")], EXIT_DATA,
+         ["data error:", "q.jsonl record", "no human turn"]),
+    ]
+    for argv, status, parts in cases:
+        capsys.readouterr()
+        assert main(["--load", str(release.path), "--max-new-tokens", "1", *argv]) == status
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and all(p in last for p in parts), err

@@ -132,10 +132,16 @@ def test_upcycling_tool_and_generate_open_a_trained_checkpoint(trained, dataset,
     from cumo_megatron.generate import main as generate
     from cumo_megatron.inference.session import InferenceSession
 
+    # The checkpoint carries the run's tokenizer and template: generate needs no other flag.
+    from cumo_megatron.checkpoint import assets
+
+    assert filecmp.cmp(assets.carried_tokenizer(ckpt) / "tokenizer.model", dataset["tokenizer"], shallow=False)
+    assert assets.read_generation_settings(ckpt) == assets.GenerationSettings(trained["cfg"].data.template,
+                                                                             trained["cfg"].data.aspect)
     image = sorted(Path(dataset["image_folder"]).iterdir())[0]
     capsys.readouterr()
     assert generate(["--load", str(ckpt), "--image", str(image), "--prompt", "What is shown?",
-                     "--tokenizer", dataset["tokenizer"], "--max-new-tokens", "4"]) == 0
+                     "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out
     # The same question to the trained weights as they were in memory.
     model = _load(trained["init"]).eval()

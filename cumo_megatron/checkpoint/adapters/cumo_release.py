@@ -90,7 +90,7 @@ def _vision_config(config: dict, where: str, clip_dir, moe: Optional[MoEConfig])
     )
     tower = clip_dir if clip_dir is not None else config.get("mm_vision_tower")
     if tower is None:
-        raise CheckpointError(f"{where}: no mm_vision_tower; pass clip_dir= (the CLIP checkpoint directory)")
+        raise CheckpointError(f"{where}: no mm_vision_tower; pass --clip-dir (the CLIP checkpoint directory)")
     tower_path = Path(tower)
     if (tower_path / "config.json").is_file():
         vision = vision_config_from_hf(
@@ -104,7 +104,7 @@ def _vision_config(config: dict, where: str, clip_dir, moe: Optional[MoEConfig])
     else:
         raise CheckpointError(
             f"{where}: mm_vision_tower={tower!r} is neither a local CLIP checkpoint directory (with "
-            f"config.json) nor one of the known hub ids {sorted(KNOWN_CLIP_TOWERS)}; pass clip_dir= "
+            f"config.json) nor one of the known hub ids {sorted(KNOWN_CLIP_TOWERS)}; pass --clip-dir "
             "(a local copy of that CLIP)"
         )
     mm_hidden = config.get("mm_hidden_size")
