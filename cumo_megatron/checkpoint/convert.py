@@ -45,6 +45,7 @@ from cumo_megatron.checkpoint.adapters.connector import (
     megatron_to_connector,
 )
 from cumo_megatron.checkpoint.adapters.cumo_release import (
+    BUNDLED_CLIP_DIR,
     PROJECTOR_PREFIX,
     VISION_PREFIX,
     megatron_to_release,
@@ -61,12 +62,21 @@ from cumo_megatron.checkpoint.adapters.language import (
     megatron_to_hf_lm,
 )
 from cumo_megatron.checkpoint.adapters.vision import (
+    RELEASE_PREFIX,
     _locate_tower,
     clip_to_megatron,
     clip_unused_keys,
     megatron_to_clip,
+    tower_tail_to_layout,
     vision_config_from_hf,
     vision_config_from_open_clip,
+)
+from cumo_megatron.checkpoint.export_release import (
+    clip_preprocessor_config,
+    clip_vision_config,
+    release_tower_name,
+    release_vision_tail,
+    write_clip_config,
 )
 from cumo_megatron.checkpoint.io import open_checkpoint, read_json, write_safetensors
 from cumo_megatron.checkpoint import ours
@@ -575,37 +585,6 @@ def _split_passthrough(passthrough: Mapping[str, torch.Tensor]) -> dict[str, dic
     return out
 
 
-def _hf_clip_vision_config(model_cfg: ModelConfig) -> dict:
-    """A transformers ``CLIPVisionModel`` config.json for our (dense) tower."""
-    v = model_cfg.vision
-    return {
-        "architectures": ["CLIPVisionModel"],
-        "model_type": "clip_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.ffn_hidden_size,
-        "num_hidden_layers": v.built_layers,
-        "num_attention_heads": v.num_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "num_channels": 3,
-        "hidden_act": v.activation,
-        "layer_norm_eps": v.layernorm_eps,
-        "attention_dropout": 0.0,
-        "torch_dtype": "float32",
-    }
-
-
-def _preprocessor_config(model_cfg: ModelConfig) -> dict:
-    v = model_cfg.vision
-    return {
-        "crop_size": {"height": v.image_size, "width": v.image_size},
-        "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True,
-        "rescale_factor": 1 / 255, "resample": 3, "size": {"shortest_edge": v.image_size},
-        "image_mean": list(v.image_mean), "image_std": list(v.image_std),
-        "image_processor_type": "CLIPImageProcessor",
-    }
-
-
 def _copy_jsons(ckpt: Path, module: str, dest: Path, skip: Sequence[str] = ()) -> list[str]:
     src = ckpt / ours.SOURCE_DIR / module
     copied = []
@@ -675,23 +654,45 @@ def export_checkpoint(
 
     with atomic_output(out, overwrite) as tmp:
         if fmt == "release":
-            _export_release(state, model_cfg, passthrough, dtypes, checkpoint, tmp, go)
+            notes = _export_release(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go)
         else:
-            _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, go)
+            notes = _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go)
         size = ours.checkpoint_bytes(tmp)
-    return Summary(out, model_cfg, params, size, time.time() - start, counter[0])
+    return Summary(out, model_cfg, params, size, time.time() - start, counter[0], notes)
 
 
-def _export_release(state, model_cfg, passthrough, dtypes, checkpoint, tmp, go) -> None:
-    extra = passthrough.get("release", {})
+def _left_out_note(left: Sequence[str]) -> list[str]:
+    if not left:
+        return []
+    shown = ", ".join(sorted(left)[:3]) + (", ..." if len(left) > 3 else "")
+    return [f"note: {len(left)} tensors of the CLIP checkpoint have no place in a CuMo release and were "
+            f"left out (a text tower, projections: {shown}); --format split keeps them with a dense CLIP"]
+
+
+def _write_release_clip(tmp: Path, model_cfg: ModelConfig, checkpoint: Path) -> None:
+    """The CLIP config the release's ``mm_vision_tower`` may name, beside the weights."""
+    write_clip_config(tmp / BUNDLED_CLIP_DIR, model_cfg, checkpoint / ours.SOURCE_DIR / "vision" / "preprocessor_config.json")
+
+
+def _export_release(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go) -> list[str]:
+    """One original CuMo release directory: every tensor of the source (unbuilt ViT layers and
+    ``post_layernorm`` from the passthrough, in release names), the real CLIP named."""
     dtype = _dtype(dtypes.get("language"))
     base = _read_source_json(checkpoint, "release/config.json")
-    write_safetensors(tmp, go(megatron_to_release(state, model_cfg, passthrough=extra)), dtype=dtype,
-                      config=release_config(model_cfg, base=base, dtype=str(dtype or torch.float32).replace("torch.", "")))
+    extra = {k: v for k, v in passthrough.get("release", {}).items() if not k.startswith(VISION_PREFIX)}
+    extra.update(passthrough.get("language", {}))  # a per-module import's LLM: HF names = release names
+    tail, left = release_vision_tail(passthrough, info, model_cfg)
+    extra.update(tail)
+    config = release_config(model_cfg, base=base, vision_tower=release_tower_name(info, base, Path(out)),
+                            dtype=str(dtype or torch.float32).replace("torch.", ""))
+    write_safetensors(tmp, go(megatron_to_release(state, model_cfg, passthrough=extra)), dtype=dtype, config=config)
     _copy_jsons(checkpoint, "release", tmp, skip=("config.json",))
+    _copy_jsons(checkpoint, "language", tmp, skip=("config.json",))
+    _write_release_clip(tmp, model_cfg, checkpoint)
+    return _left_out_note(left)
 
 
-def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, go) -> None:
+def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go) -> list[str]:
     lang = model_cfg.language
     lang_dtype = _dtype(dtypes.get("language"))
     release_extra = passthrough.get("release", {})
@@ -711,11 +712,17 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
     vision_dtype = _dtype(dtypes.get("vision"))
     connector_dtype = _dtype(dtypes.get("connector"))
     multimodal = []
+    notes: list[str] = []
     if model_cfg.vision.moe is None:
         source = info.get("vision", {})
         layout = source.get("layout", "hf")
-        extra = passthrough.get("vision", {}) if "layout" in source else None
         prefix = source.get("prefix", "") if "layout" in source else None
+        if "layout" in source:
+            extra = passthrough.get("vision", {})
+        else:  # from a release: its unbuilt layers, post_layernorm in CLIPVisionModel names
+            extra, _ = tower_tail_to_layout(
+                {k: v for k, v in release_extra.items() if k.startswith(VISION_PREFIX)},
+                model_cfg.vision, "cumo_release", RELEASE_PREFIX, dst_prefix="")
         vdir = tmp / "vision"
         files = write_safetensors(vdir, go(megatron_to_clip(state, model_cfg.vision, layout=layout,
                                                             passthrough=extra, hf_prefix=prefix)), dtype=vision_dtype)
@@ -723,12 +730,14 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         if layout == "open_clip":
             files[0].rename(vdir / "open_clip_model.safetensors")
         if "config.json" not in copied and layout == "hf":
-            (vdir / "config.json").write_text(json.dumps(_hf_clip_vision_config(model_cfg), indent=2) + "\n")
+            layers = model_cfg.vision.num_layers if any(".layers." in k for k in extra) else model_cfg.vision.built_layers
+            (vdir / "config.json").write_text(json.dumps(clip_vision_config(model_cfg.vision, layers), indent=2) + "\n")
         if "preprocessor_config.json" not in copied and layout == "hf":
-            (vdir / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model_cfg), indent=2) + "\n")
+            (vdir / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(model_cfg.vision), indent=2) + "\n")
     else:
-        extra = {k: v for k, v in release_extra.items() if k.startswith(VISION_PREFIX)}
-        multimodal.append(megatron_to_clip(state, model_cfg.vision, layout="cumo_release", passthrough=extra))
+        tail, left = release_vision_tail(passthrough, info, model_cfg)
+        notes += _left_out_note(left)
+        multimodal.append(megatron_to_clip(state, model_cfg.vision, layout="cumo_release", passthrough=tail))
     if model_cfg.connector.moe is None:
         prefix = info.get("connector", {}).get("prefix", CONNECTOR_PREFIX)
         projector = {}
@@ -744,7 +753,10 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         (mdir / "model.safetensors").rename(tmp / "multimodal.safetensors")
         shutil.rmtree(mdir)
         base = _read_source_json(checkpoint, "release/config.json")
-        (tmp / "config.json").write_text(json.dumps(release_config(model_cfg, base=base), indent=2, sort_keys=True) + "\n")
+        config = release_config(model_cfg, base=base, vision_tower=release_tower_name(info, base, Path(out)))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_release_clip(tmp, model_cfg, checkpoint)
+    return notes
 
 
 # Fields of a release config.json that describe the multimodal wrapper, not the LLM.
