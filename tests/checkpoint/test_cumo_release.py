@@ -176,7 +176,7 @@ def test_dense_stage2_release_config():
     [
         ({"mm_projector_type": "linear"}, "mm_projector_type='linear'"),
         ({"mm_hidden_size": 48}, "mm_hidden_size=48"),
-        ({"mm_vision_tower": "someone/unknown-clip"}, "pass clip_dir="),
+        ({"mm_vision_tower": "someone/unknown-clip"}, "pass --clip-dir"),
         ({"model_type": "mistral"}, "not a LLaVA/CuMo release"),
         ({"mm_patch_merge_type": "spatial_unpad"}, "only 'flat'"),
         ({"scales": [1, 1.5]}, "only integer S2 scales"),

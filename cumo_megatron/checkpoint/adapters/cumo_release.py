@@ -111,7 +111,12 @@ def _vision_config(config: dict, where: str, release_dir: Optional[Path], clip_d
     named = config.get("mm_vision_tower")
     if clip_dir is not None:
         tower = str(clip_dir)
-        vision = _clip_from_dir(Path(clip_dir), overrides)
+        if not Path(clip_dir).is_dir():
+            raise CheckpointError(f"--clip-dir {tower} is not a directory; pass the CLIP checkpoint's directory")
+        try:
+            vision = _clip_from_dir(Path(clip_dir), overrides)
+        except CheckpointError as err:
+            raise CheckpointError(f"--clip-dir {tower}: {err}; pass the CLIP checkpoint's directory") from err
         if vision is None:
             raise CheckpointError(
                 f"--clip-dir {tower} holds no CLIP config (config.json of a HF CLIP or "
