@@ -74,6 +74,7 @@ from cumo_megatron.checkpoint.adapters.vision import (
 from cumo_megatron.checkpoint.export_release import (
     clip_preprocessor_config,
     clip_vision_config,
+    fill_missing_layers,
     release_tower_name,
     release_vision_tail,
     write_clip_config,
@@ -669,6 +670,13 @@ def _left_out_note(left: Sequence[str]) -> list[str]:
             f"left out (a text tower, projections: {shown}); --format split keeps them with a dense CLIP"]
 
 
+def _filled_note(layers: Sequence[int]) -> list[str]:
+    if not layers:
+        return []
+    return [f"note: ViT layer(s) {', '.join(map(str, layers))} past the feature layer were not in the checkpoint "
+            "(no source tensors kept); written as identity (all-zero) layers, which the features never use"]
+
+
 def _write_release_clip(tmp: Path, model_cfg: ModelConfig, checkpoint: Path) -> None:
     """The CLIP config the release's ``mm_vision_tower`` may name, beside the weights."""
     write_clip_config(tmp / BUNDLED_CLIP_DIR, model_cfg, checkpoint / ours.SOURCE_DIR / "vision" / "preprocessor_config.json")
@@ -682,6 +690,7 @@ def _export_release(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp
     extra = {k: v for k, v in passthrough.get("release", {}).items() if not k.startswith(VISION_PREFIX)}
     extra.update(passthrough.get("language", {}))  # a per-module import's LLM: HF names = release names
     tail, left = release_vision_tail(passthrough, info, model_cfg)
+    tail, filled = fill_missing_layers(tail, info, model_cfg)
     extra.update(tail)
     config = release_config(model_cfg, base=base, vision_tower=release_tower_name(info, base, Path(out)),
                             dtype=str(dtype or torch.float32).replace("torch.", ""))
@@ -689,7 +698,7 @@ def _export_release(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp
     _copy_jsons(checkpoint, "release", tmp, skip=("config.json",))
     _copy_jsons(checkpoint, "language", tmp, skip=("config.json",))
     _write_release_clip(tmp, model_cfg, checkpoint)
-    return _left_out_note(left)
+    return _left_out_note(left) + _filled_note(filled)
 
 
 def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go) -> list[str]:
@@ -736,7 +745,8 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
             (vdir / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(model_cfg.vision), indent=2) + "\n")
     else:
         tail, left = release_vision_tail(passthrough, info, model_cfg)
-        notes += _left_out_note(left)
+        tail, filled = fill_missing_layers(tail, info, model_cfg)
+        notes += _left_out_note(left) + _filled_note(filled)
         multimodal.append(megatron_to_clip(state, model_cfg.vision, layout="cumo_release", passthrough=tail))
     if model_cfg.connector.moe is None:
         prefix = info.get("connector", {}).get("prefix", CONNECTOR_PREFIX)

@@ -4,6 +4,7 @@
   layer, ``post_layernorm``), kept in the checkpoint's passthrough under the source's names, in the
   release's names: the original code builds every layer of the CLIP, so a release without them
   loads neither there nor in our importer.
+* `fill_missing_layers`: identity layers where a model trained from scratch has none.
 * `release_tower_name`: what ``mm_vision_tower`` says: the hub id the CLIP came from, else the
   copy of its config written beside the weights (`write_clip_config`).
 * `clip_vision_config` / `clip_preprocessor_config`: a transformers ``CLIPVisionModel`` config and
@@ -21,7 +22,7 @@ from typing import Mapping, Optional
 import torch
 
 from cumo_megatron.checkpoint.adapters.cumo_release import BUNDLED_CLIP_DIR, VISION_PREFIX
-from cumo_megatron.checkpoint.adapters.vision import RELEASE_PREFIX, tower_tail_to_layout
+from cumo_megatron.checkpoint.adapters.vision import RELEASE_PREFIX, identity_layer, tower_tail_to_layout
 from cumo_megatron.config.schema import ModelConfig, VisionConfig
 
 # A hub id (``org/name``), as LLaVA/CuMo configs name their CLIP; a path has more parts or a root.
@@ -146,3 +147,25 @@ def release_vision_tail(
         tail.update(moved)
         tail.update(rest)  # under model.vision_tower. but outside its vision_model: keep as it was
     return tail, left
+
+
+def fill_missing_layers(
+    tail: dict[str, torch.Tensor], info: Mapping, model_cfg: ModelConfig
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """``tail`` with an identity layer (`identity_layer`) for every unbuilt layer it lacks: a model
+    trained from scratch has no source, so nothing kept those layers; without them neither the
+    original code nor our importer builds the depth the CLIP config names. Returns the layers added."""
+    vision = model_cfg.vision
+    missing = [i for i in range(vision.built_layers, vision.num_layers)
+               if not any(k.startswith(f"{RELEASE_PREFIX}encoder.layers.{i}.") for k in tail)]
+    if not missing:
+        return tail, []
+    filled: dict[str, torch.Tensor] = {}
+    for i in missing:
+        filled.update(identity_layer(vision, RELEASE_PREFIX, i))
+    all_moe = vision.moe is not None and (
+        vision.moe_layers is None or sorted(vision.moe_layers) == list(range(vision.built_layers))
+    )
+    if all_moe:
+        filled, _ = tower_tail_to_layout(filled, vision, "cumo_release", RELEASE_PREFIX, RELEASE_PREFIX, _router_seed(info))
+    return {**tail, **filled}, missing

@@ -351,3 +351,37 @@ def test_wrong_clip_dir_is_refused_with_the_flag_to_use(sources, tmp_path):
         wide = tmp_path / "wide-clip"
         save_hf_clip_vision(wide, "vision_tf5", hidden_size=48, intermediate_size=96)
         model_config_from_release(tmp_path / "release", clip_dir=wide)
+
+
+@pytest.mark.parametrize("upcycle", [DENSE, MOE], ids=["dense", "moe"])
+def test_checkpoint_without_provenance_exports_a_loadable_release(sources, tmp_path, upcycle):
+    """A model trained from scratch keeps no source tensors: the layer past the feature layer is
+    written as an identity layer (checked with transformers' own CLIPEncoderLayer), so the release
+    has the CLIP's depth and loads back as the same model."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    ckpt = tmp_path / "ours"
+    import_checkpoint(Sources(vision=sources / "hf", language=sources / "mistral"), ckpt, upcycle)
+    for name in (ours.CONVERSION_INFO, ours.PASSTHROUGH):
+        (ckpt / name).unlink()
+    shutil.rmtree(ckpt / ours.SOURCE_DIR)
+    summary = export_checkpoint(ckpt, tmp_path / "release", fmt="release")
+    assert any("identity" in note for note in summary.notes)
+    check_original_layout(tmp_path / "release", "mistral")
+    exported = _tensors(tmp_path / "release")
+    root = ORIGINAL_VISION_PREFIX + "encoder.layers.2."
+    layer = CLIPEncoderLayer(CLIPVisionConfig.from_pretrained(tmp_path / "release" / "vision_tower")).eval()
+    weights = {k[len(root):]: v for k, v in exported.items() if k.startswith(root)}
+    if upcycle.vision_experts:  # every expert is the (zero) dense MLP
+        assert all(torch.equal(v, weights[k.replace("experts.0.", f"experts.{j}.")])
+                   for k, v in weights.items() if k.startswith("experts.0.") for j in range(4))
+        weights = {k.replace("experts.0.", "mlp."): v for k, v in weights.items() if not k.startswith(("gate", "experts."))
+                   or k.startswith("experts.0.")}
+    layer.load_state_dict(weights, strict=True)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = layer(x, None)
+    assert torch.equal(out[0] if isinstance(out, tuple) else out, x)
+    import_checkpoint(Sources(cumo=tmp_path / "release"), tmp_path / "ours2")
+    _assert_same(_model_tensors(ckpt), _model_tensors(tmp_path / "ours2"), "ours -> release -> ours")

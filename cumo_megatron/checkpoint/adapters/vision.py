@@ -639,3 +639,22 @@ def tower_tail_to_layout(
         layer = {k: converted[k] for k in layers[i]}
         out.update(_moe_ized(layer, f"{root}{i}.", cfg.moe.num_experts, moe_seed))
     return out, rest
+
+
+def identity_layer(cfg: VisionConfig, prefix: str, index: int) -> dict[str, torch.Tensor]:
+    """An all-zero dense HF-named layer ``prefix + encoder.layers.<index>.*`` (fp32).
+
+    A pre-norm residual layer whose every weight is zero adds nothing: both LayerNorms output
+    zeros, so attention and MLP add zero to the residual stream. It stands for a layer past the
+    feature layer that a model trained from scratch never had (its output is never used), so
+    that the tower has the depth its config names.
+    """
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    root = f"{prefix}{_HF_LAYERS}{index}."
+    shapes = {"layer_norm1": [(h,)], "layer_norm2": [(h,)], "mlp.fc1": [(f, h), (f,)], "mlp.fc2": [(h, f), (h,)]}
+    shapes.update({f"self_attn.{p}_proj": [(h, h), (h,)] for p in ("q", "k", "v", "out")})
+    out = {}
+    for module, (first, *rest) in shapes.items():
+        out[f"{root}{module}.weight"] = torch.zeros(first)
+        out[f"{root}{module}.bias"] = torch.zeros(rest[0] if rest else first)
+    return out
