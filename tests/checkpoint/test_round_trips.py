@@ -385,3 +385,17 @@ def test_checkpoint_without_provenance_exports_a_loadable_release(sources, tmp_p
     assert torch.equal(out[0] if isinstance(out, tuple) else out, x)
     import_checkpoint(Sources(cumo=tmp_path / "release"), tmp_path / "ours2")
     _assert_same(_model_tensors(ckpt), _model_tensors(tmp_path / "ours2"), "ours -> release -> ours")
+
+
+def test_hf_to_release_to_split_gives_the_sources_back(sources, tmp_path):
+    """HF CLIP + LLaMA -> ours -> release -> ours (a dense, stage-2-like release) -> split: the
+    release's unbuilt layer and post_layernorm land in vision/ under the CLIPVisionModel's names."""
+    from transformers import CLIPVisionModel
+
+    import_checkpoint(Sources(vision=sources / "hf", language=sources / "llama"), tmp_path / "ours1")
+    export_checkpoint(tmp_path / "ours1", tmp_path / "release", fmt="release")
+    import_checkpoint(Sources(cumo=tmp_path / "release"), tmp_path / "ours2")
+    export_checkpoint(tmp_path / "ours2", tmp_path / "split", fmt="split")
+    _assert_same(_tensors(sources / "hf"), _tensors(tmp_path / "split" / "vision"), "vision")
+    _assert_same(_tensors(sources / "llama"), _tensors(tmp_path / "split" / "language"), "language")
+    assert CLIPVisionModel.from_pretrained(tmp_path / "split" / "vision").config.num_hidden_layers == 3
