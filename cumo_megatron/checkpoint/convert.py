@@ -6,7 +6,9 @@
 * `export_checkpoint`: our checkpoint (written at any layout) -> the LLM as a HF ``*ForCausalLM``
   directory; a dense vision tower as a HF ``CLIPVisionModel`` (or the source's own CLIP layout) and
   a dense connector as LLaVA's ``mm_projector.bin``; MoE vision tower and connector in the original
-  CuMo release layout (or, with ``fmt="release"``, a whole CuMo release directory).
+  CuMo release layout (or, with ``fmt="release"``, a whole CuMo release directory). Exports hold
+  every tensor of the source, built or not (`export_release` puts the unbuilt ViT layers and
+  ``post_layernorm`` in release names), and a release names its real CLIP.
 
 Round trips are bit-exact: tensors the model does not use are kept in ``passthrough.safetensors``
 and the sources' dtypes and JSON configs are recorded, so an export rewrites the source.
@@ -626,6 +628,9 @@ def export_checkpoint(
     under the CuMo release names (``model.vision_tower.vision_model.*``, ``model.mm_projector.*``)
     with the release ``config.json`` beside it. ``"release"`` writes one original CuMo release
     directory. ``"auto"``: ``release`` when the checkpoint came from a release, else ``split``.
+    A release (and the split's multimodal part) holds the whole CLIP the model came from and names
+    it (``mm_vision_tower``: its hub id, else ``vision_tower/`` with its config, written beside);
+    what has no place there is listed in the summary's notes.
     """
     start = time.time()
     checkpoint = ours.resolve_checkpoint_dir(checkpoint)
