@@ -32,8 +32,9 @@ _HUB_CACHE = re.compile(r"models--([\w.-]+?)--([\w.-]+)/snapshots/")
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether ``name`` reads as a hub id (``openai/clip-vit-large-patch14-336``), not a path."""
-    return bool(_HUB_ID.fullmatch(name)) and not Path(name).is_absolute()
+    """Whether ``name`` reads as a hub id (``openai/clip-vit-large-patch14-336``), not a path
+    (absolute, or a relative one that exists here)."""
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name).is_absolute() and not Path(name).exists()
 
 
 def hub_id_of_path(path: str) -> Optional[str]:

@@ -399,3 +399,14 @@ def test_hf_to_release_to_split_gives_the_sources_back(sources, tmp_path):
     _assert_same(_tensors(sources / "hf"), _tensors(tmp_path / "split" / "vision"), "vision")
     _assert_same(_tensors(sources / "llama"), _tensors(tmp_path / "split" / "language"), "language")
     assert CLIPVisionModel.from_pretrained(tmp_path / "split" / "vision").config.num_hidden_layers == 3
+
+
+def test_a_clip_from_the_hub_cache_is_named_by_its_hub_id(sources, tmp_path):
+    """``--vision`` pointing into the hub cache: the release names the hub id (what the original
+    code downloads) and still re-imports offline from the CLIP config written beside it."""
+    cached = tmp_path / "hub" / "models--someone--tiny-clip" / "snapshots" / "0123abc"
+    shutil.copytree(sources / "open_clip_quick_gelu", cached)
+    import_checkpoint(Sources(vision=cached, language=sources / "llama"), tmp_path / "ours")
+    export_checkpoint(tmp_path / "ours", tmp_path / "release", fmt="release")
+    assert json.loads((tmp_path / "release" / "config.json").read_text())["mm_vision_tower"] == "someone/tiny-clip"
+    assert model_config_from_release(tmp_path / "release") == ours.read_model_config(tmp_path / "ours")
