@@ -733,10 +733,11 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         prefix = source.get("prefix", "") if "layout" in source else None
         if "layout" in source:
             extra = passthrough.get("vision", {})
-        else:  # from a release: its unbuilt layers, post_layernorm in CLIPVisionModel names
-            extra, _ = tower_tail_to_layout(
-                {k: v for k, v in release_extra.items() if k.startswith(VISION_PREFIX)},
-                model_cfg.vision, "cumo_release", RELEASE_PREFIX, dst_prefix="")
+        else:  # from a release (or no source kept): the unbuilt layers, post_layernorm in CLIPVisionModel names
+            tail, filled = fill_missing_layers(
+                {k: v for k, v in release_extra.items() if k.startswith(VISION_PREFIX)}, info, model_cfg)
+            notes += _filled_note(filled)
+            extra, _ = tower_tail_to_layout(tail, model_cfg.vision, "cumo_release", RELEASE_PREFIX, dst_prefix="")
         vdir = tmp / "vision"
         files = write_safetensors(vdir, go(megatron_to_clip(state, model_cfg.vision, layout=layout,
                                                             passthrough=extra, hf_prefix=prefix)), dtype=vision_dtype)
@@ -744,8 +745,7 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         if layout == "open_clip":
             files[0].rename(vdir / "open_clip_model.safetensors")
         if "config.json" not in copied and layout == "hf":
-            layers = model_cfg.vision.num_layers if any(".layers." in k for k in extra) else model_cfg.vision.built_layers
-            (vdir / "config.json").write_text(json.dumps(clip_vision_config(model_cfg.vision, layers), indent=2) + "\n")
+            (vdir / "config.json").write_text(json.dumps(clip_vision_config(model_cfg.vision), indent=2) + "\n")
         if "preprocessor_config.json" not in copied and layout == "hf":
             (vdir / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(model_cfg.vision), indent=2) + "\n")
     else:

@@ -410,3 +410,11 @@ def test_a_clip_from_the_hub_cache_is_named_by_its_hub_id(sources, tmp_path):
     export_checkpoint(tmp_path / "ours", tmp_path / "release", fmt="release")
     assert json.loads((tmp_path / "release" / "config.json").read_text())["mm_vision_tower"] == "someone/tiny-clip"
     assert model_config_from_release(tmp_path / "release") == ours.read_model_config(tmp_path / "ours")
+    if not upcycle.vision_experts:  # the split export's vision/ has the CLIP's depth too
+        split = tmp_path / "split"
+        summary = export_checkpoint(ckpt, split, fmt="split")
+        assert any("identity" in note for note in summary.notes)
+        assert CLIPVisionConfig.from_pretrained(split / "vision").num_hidden_layers == 3
+        import_checkpoint(Sources(vision=split / "vision", language=split / "language",
+                                  connector=split / "mm_projector.bin"), tmp_path / "ours3")
+        _assert_same(_model_tensors(ckpt), _model_tensors(tmp_path / "ours3"), "ours -> split -> ours")
