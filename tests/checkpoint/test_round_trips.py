@@ -324,6 +324,13 @@ def test_moved_release_still_loads_and_hub_ids_are_kept(sources, tmp_path):
     shutil.move(tmp_path / "release", moved)
     cfg = model_config_from_release(moved)
     assert cfg == ours.read_model_config(ckpt)
+    # What `generate --load` does with a release: the same model, no flag needed.
+    from cumo_megatron.inference.session import load_model
+
+    model, loaded_cfg = load_model(moved)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert loaded_cfg == cfg
+    _assert_same(_model_tensors(ckpt), state, "generate --load EXPORT")
     # A release naming a hub id: re-imported with --clip-dir (OpenCLIP accepted), exported with its name.
     config = json.loads((moved / "config.json").read_text())
     config["mm_vision_tower"] = "laion/some-open-clip"
@@ -385,6 +392,14 @@ def test_checkpoint_without_provenance_exports_a_loadable_release(sources, tmp_p
     assert torch.equal(out[0] if isinstance(out, tuple) else out, x)
     import_checkpoint(Sources(cumo=tmp_path / "release"), tmp_path / "ours2")
     _assert_same(_model_tensors(ckpt), _model_tensors(tmp_path / "ours2"), "ours -> release -> ours")
+    if not upcycle.vision_experts:  # the split export's vision/ has the CLIP's depth too
+        split = tmp_path / "split"
+        summary = export_checkpoint(ckpt, split, fmt="split")
+        assert any("identity" in note for note in summary.notes)
+        assert CLIPVisionConfig.from_pretrained(split / "vision").num_hidden_layers == 3
+        import_checkpoint(Sources(vision=split / "vision", language=split / "language",
+                                  connector=split / "mm_projector.bin"), tmp_path / "ours3")
+        _assert_same(_model_tensors(ckpt), _model_tensors(tmp_path / "ours3"), "ours -> split -> ours")
 
 
 def test_hf_to_release_to_split_gives_the_sources_back(sources, tmp_path):
@@ -410,11 +425,3 @@ def test_a_clip_from_the_hub_cache_is_named_by_its_hub_id(sources, tmp_path):
     export_checkpoint(tmp_path / "ours", tmp_path / "release", fmt="release")
     assert json.loads((tmp_path / "release" / "config.json").read_text())["mm_vision_tower"] == "someone/tiny-clip"
     assert model_config_from_release(tmp_path / "release") == ours.read_model_config(tmp_path / "ours")
-    if not upcycle.vision_experts:  # the split export's vision/ has the CLIP's depth too
-        split = tmp_path / "split"
-        summary = export_checkpoint(ckpt, split, fmt="split")
-        assert any("identity" in note for note in summary.notes)
-        assert CLIPVisionConfig.from_pretrained(split / "vision").num_hidden_layers == 3
-        import_checkpoint(Sources(vision=split / "vision", language=split / "language",
-                                  connector=split / "mm_projector.bin"), tmp_path / "ours3")
-        _assert_same(_model_tensors(ckpt), _model_tensors(tmp_path / "ours3"), "ours -> split -> ours")
