@@ -11,6 +11,8 @@
 * `adapters.cumo_release`: a whole original CuMo release directory <-> the whole CuMoModel.
 * `ours` (import it directly: it builds megatron models): our checkpoint directory, a megatron
   ``dist_checkpointing`` checkpoint plus ``model_config.yaml``, loadable at any TP/PP/EP layout.
+* `export_release`: what a CuMo-release export needs besides the weights (the unbuilt ViT layers
+  in release names, the CLIP it names and that CLIP's config).
 * `convert`: the library behind ``tools/upcycle_checkpoint.py`` and ``tools/export_checkpoint.py``.
 
 Every converter is a generator of ``(name, tensor)`` that reads one source tensor at a time, so a

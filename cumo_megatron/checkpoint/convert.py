@@ -6,7 +6,9 @@
 * `export_checkpoint`: our checkpoint (written at any layout) -> the LLM as a HF ``*ForCausalLM``
   directory; a dense vision tower as a HF ``CLIPVisionModel`` (or the source's own CLIP layout) and
   a dense connector as LLaVA's ``mm_projector.bin``; MoE vision tower and connector in the original
-  CuMo release layout (or, with ``fmt="release"``, a whole CuMo release directory).
+  CuMo release layout (or, with ``fmt="release"``, a whole CuMo release directory). Exports hold
+  every tensor of the source, built or not (`export_release` puts the unbuilt ViT layers and
+  ``post_layernorm`` in release names), and a release names its real CLIP.
 
 Round trips are bit-exact: tensors the model does not use are kept in ``passthrough.safetensors``
 and the sources' dtypes and JSON configs are recorded, so an export rewrites the source.
@@ -48,6 +50,7 @@ from cumo_megatron.checkpoint.adapters.connector import (
     megatron_to_connector,
 )
 from cumo_megatron.checkpoint.adapters.cumo_release import (
+    BUNDLED_CLIP_DIR,
     PROJECTOR_PREFIX,
     VISION_PREFIX,
     megatron_to_release,
@@ -64,12 +67,22 @@ from cumo_megatron.checkpoint.adapters.language import (
     megatron_to_hf_lm,
 )
 from cumo_megatron.checkpoint.adapters.vision import (
+    RELEASE_PREFIX,
     _locate_tower,
     clip_to_megatron,
     clip_unused_keys,
     megatron_to_clip,
+    tower_tail_to_layout,
     vision_config_from_hf,
     vision_config_from_open_clip,
+)
+from cumo_megatron.checkpoint.export_release import (
+    clip_preprocessor_config,
+    clip_vision_config,
+    fill_missing_layers,
+    release_tower_name,
+    release_vision_tail,
+    write_clip_config,
 )
 from cumo_megatron.checkpoint.io import open_checkpoint, read_json, write_safetensors
 from cumo_megatron.checkpoint import assets, ours
@@ -626,37 +639,6 @@ def _split_passthrough(passthrough: Mapping[str, torch.Tensor]) -> dict[str, dic
     return out
 
 
-def _hf_clip_vision_config(model_cfg: ModelConfig) -> dict:
-    """A transformers ``CLIPVisionModel`` config.json for our (dense) tower."""
-    v = model_cfg.vision
-    return {
-        "architectures": ["CLIPVisionModel"],
-        "model_type": "clip_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.ffn_hidden_size,
-        "num_hidden_layers": v.built_layers,
-        "num_attention_heads": v.num_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "num_channels": 3,
-        "hidden_act": v.activation,
-        "layer_norm_eps": v.layernorm_eps,
-        "attention_dropout": 0.0,
-        "torch_dtype": "float32",
-    }
-
-
-def _preprocessor_config(model_cfg: ModelConfig) -> dict:
-    v = model_cfg.vision
-    return {
-        "crop_size": {"height": v.image_size, "width": v.image_size},
-        "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True,
-        "rescale_factor": 1 / 255, "resample": 3, "size": {"shortest_edge": v.image_size},
-        "image_mean": list(v.image_mean), "image_std": list(v.image_std),
-        "image_processor_type": "CLIPImageProcessor",
-    }
-
-
 def _copy_jsons(ckpt: Path, module: str, dest: Path, skip: Sequence[str] = ()) -> list[str]:
     src = ckpt / ours.SOURCE_DIR / module
     copied = []
@@ -697,6 +679,9 @@ def export_checkpoint(
     under the CuMo release names (``model.vision_tower.vision_model.*``, ``model.mm_projector.*``)
     with the release ``config.json`` beside it. ``"release"`` writes one original CuMo release
     directory. ``"auto"``: ``release`` when the checkpoint came from a release, else ``split``.
+    A release (and the split's multimodal part) holds the whole CLIP the model came from and names
+    it (``mm_vision_tower``: its hub id, else ``vision_tower/`` with its config, written beside);
+    what has no place there is listed in the summary's notes.
     """
     start = time.time()
     checkpoint = ours.resolve_checkpoint_dir(checkpoint)
@@ -726,10 +711,10 @@ def export_checkpoint(
 
     with atomic_output(out, overwrite) as tmp:
         if fmt == "release":
-            _export_release(state, model_cfg, passthrough, dtypes, checkpoint, tmp, go)
+            notes = _export_release(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go)
         else:
-            _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, go)
-        notes = _export_tokenizer(checkpoint, tmp if fmt == "release" else tmp / "language")
+            notes = _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go)
+        notes += _export_tokenizer(checkpoint, tmp if fmt == "release" else tmp / "language")
         size = ours.checkpoint_bytes(tmp)
     return Summary(out, model_cfg, params, size, time.time() - start, counter[0], notes)
 
@@ -744,16 +729,46 @@ def _export_tokenizer(checkpoint: Path, dest: Path) -> list[str]:
     return []
 
 
-def _export_release(state, model_cfg, passthrough, dtypes, checkpoint, tmp, go) -> None:
-    extra = passthrough.get("release", {})
+def _left_out_note(left: Sequence[str]) -> list[str]:
+    if not left:
+        return []
+    shown = ", ".join(sorted(left)[:3]) + (", ..." if len(left) > 3 else "")
+    return [f"note: {len(left)} tensors of the CLIP checkpoint have no place in a CuMo release and were "
+            f"left out (a text tower, projections: {shown}); --format split keeps them with a dense CLIP"]
+
+
+def _filled_note(layers: Sequence[int]) -> list[str]:
+    if not layers:
+        return []
+    return [f"note: ViT layer(s) {', '.join(map(str, layers))} past the feature layer were not in the checkpoint "
+            "(no source tensors kept); written as identity (all-zero) layers, which the features never use"]
+
+
+def _write_release_clip(tmp: Path, model_cfg: ModelConfig, checkpoint: Path) -> None:
+    """The CLIP config the release's ``mm_vision_tower`` may name, beside the weights."""
+    write_clip_config(tmp / BUNDLED_CLIP_DIR, model_cfg, checkpoint / ours.SOURCE_DIR / "vision" / "preprocessor_config.json")
+
+
+def _export_release(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go) -> list[str]:
+    """One original CuMo release directory: every tensor of the source (unbuilt ViT layers and
+    ``post_layernorm`` from the passthrough, in release names), the real CLIP named."""
     dtype = _dtype(dtypes.get("language"))
     base = _read_source_json(checkpoint, "release/config.json")
-    write_safetensors(tmp, go(megatron_to_release(state, model_cfg, passthrough=extra)), dtype=dtype,
-                      config=release_config(model_cfg, base=base, dtype=str(dtype or torch.float32).replace("torch.", "")))
+    extra = {k: v for k, v in passthrough.get("release", {}).items() if not k.startswith(VISION_PREFIX)}
+    extra.update(passthrough.get("language", {}))  # a per-module import's LLM: HF names = release names
+    tail, left = release_vision_tail(passthrough, info, model_cfg)
+    tail, filled = fill_missing_layers(tail, info, model_cfg)
+    extra.update(tail)
+    config = release_config(model_cfg, base=base, vision_tower=release_tower_name(info, base, Path(out)),
+                            dtype=str(dtype or torch.float32).replace("torch.", ""))
+    write_safetensors(tmp, go(megatron_to_release(state, model_cfg, passthrough=extra)), dtype=dtype, config=config)
     _copy_jsons(checkpoint, "release", tmp, skip=("config.json",))
+    _copy_jsons(checkpoint, "language", tmp, skip=("config.json",))
+    _write_release_clip(tmp, model_cfg, checkpoint)
+    return _left_out_note(left) + _filled_note(filled)
 
 
-def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, go) -> None:
+def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, out, go) -> list[str]:
     lang = model_cfg.language
     lang_dtype = _dtype(dtypes.get("language"))
     release_extra = passthrough.get("release", {})
@@ -773,11 +788,18 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
     vision_dtype = _dtype(dtypes.get("vision"))
     connector_dtype = _dtype(dtypes.get("connector"))
     multimodal = []
+    notes: list[str] = []
     if model_cfg.vision.moe is None:
         source = info.get("vision", {})
         layout = source.get("layout", "hf")
-        extra = passthrough.get("vision", {}) if "layout" in source else None
         prefix = source.get("prefix", "") if "layout" in source else None
+        if "layout" in source:
+            extra = passthrough.get("vision", {})
+        else:  # from a release (or no source kept): the unbuilt layers, post_layernorm in CLIPVisionModel names
+            tail, filled = fill_missing_layers(
+                {k: v for k, v in release_extra.items() if k.startswith(VISION_PREFIX)}, info, model_cfg)
+            notes += _filled_note(filled)
+            extra, _ = tower_tail_to_layout(tail, model_cfg.vision, "cumo_release", RELEASE_PREFIX, dst_prefix="")
         vdir = tmp / "vision"
         files = write_safetensors(vdir, go(megatron_to_clip(state, model_cfg.vision, layout=layout,
                                                             passthrough=extra, hf_prefix=prefix)), dtype=vision_dtype)
@@ -785,12 +807,14 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         if layout == "open_clip":
             files[0].rename(vdir / "open_clip_model.safetensors")
         if "config.json" not in copied and layout == "hf":
-            (vdir / "config.json").write_text(json.dumps(_hf_clip_vision_config(model_cfg), indent=2) + "\n")
+            (vdir / "config.json").write_text(json.dumps(clip_vision_config(model_cfg.vision), indent=2) + "\n")
         if "preprocessor_config.json" not in copied and layout == "hf":
-            (vdir / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model_cfg), indent=2) + "\n")
+            (vdir / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(model_cfg.vision), indent=2) + "\n")
     else:
-        extra = {k: v for k, v in release_extra.items() if k.startswith(VISION_PREFIX)}
-        multimodal.append(megatron_to_clip(state, model_cfg.vision, layout="cumo_release", passthrough=extra))
+        tail, left = release_vision_tail(passthrough, info, model_cfg)
+        tail, filled = fill_missing_layers(tail, info, model_cfg)
+        notes += _left_out_note(left) + _filled_note(filled)
+        multimodal.append(megatron_to_clip(state, model_cfg.vision, layout="cumo_release", passthrough=tail))
     if model_cfg.connector.moe is None:
         prefix = info.get("connector", {}).get("prefix", CONNECTOR_PREFIX)
         projector = {}
@@ -806,9 +830,12 @@ def _export_split(state, model_cfg, passthrough, dtypes, info, checkpoint, tmp, 
         (mdir / "model.safetensors").rename(tmp / "multimodal.safetensors")
         shutil.rmtree(mdir)
         base = _read_source_json(checkpoint, "release/config.json")
-        (tmp / "config.json").write_text(json.dumps(release_config(model_cfg, base=base), indent=2, sort_keys=True) + "\n")
+        config = release_config(model_cfg, base=base, vision_tower=release_tower_name(info, base, Path(out)))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if model_cfg.vision.moe is not None:  # the image processor beside the vision tower it feeds
-            (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model_cfg), indent=2) + "\n")
+            (tmp / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(model_cfg.vision), indent=2) + "\n")
+        _write_release_clip(tmp, model_cfg, checkpoint)
+    return notes
 
 
 # Fields of a release config.json that describe the multimodal wrapper, not the LLM.

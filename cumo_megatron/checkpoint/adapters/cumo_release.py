@@ -13,7 +13,8 @@ side, and a ``config.json`` that is the LLM's config plus LLaVA/CuMo fields::
     balance_loss_coef, router_z_loss_coef, mm_vision_tower (the CLIP checkpoint's hub id or path)
 
 The CLIP's shape is not in the release: it comes from the CLIP checkpoint ``mm_vision_tower``
-names (or ``clip_dir``), or, for the hub ids CuMo used, from a built-in table.
+names (or ``clip_dir``), from the ``vision_tower/`` config our exports write beside the weights,
+or, for the hub ids CuMo used, from a built-in table.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from cumo_megatron.checkpoint.adapters.vision import (
     clip_unused_keys,
     megatron_to_clip,
     vision_config_from_hf,
+    vision_config_from_open_clip,
 )
 from cumo_megatron.checkpoint.io import read_json
 from cumo_megatron.config.schema import ConnectorConfig, MoEConfig, ModelConfig, VisionConfig
@@ -47,6 +49,9 @@ VISION_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 RELEASE_MODEL_TYPES = ("llava", "llava_llama", "llava_mistral", "llava_mixtral")
 PROJECTOR_TYPES = {"smoe_mlp": "cumo_release", "mlp2x_gelu": "llava"}
+# Where our exports put the CLIP's config.json / preprocessor_config.json beside the release's
+# weights: the original code reads the CLIP's shape and image processor from ``mm_vision_tower``.
+BUNDLED_CLIP_DIR = "vision_tower"
 
 # The CLIPs CuMo and LLaVA name by hub id (their config.json, as published): usable without a copy.
 KNOWN_CLIP_TOWERS = {
@@ -61,11 +66,12 @@ KNOWN_CLIP_TOWERS = {
 }
 
 
-def _release_config(directory: Union[str, Path, Mapping]) -> tuple[dict, str]:
+def _release_config(directory: Union[str, Path, Mapping]) -> tuple[dict, str, Optional[Path]]:
+    """(config, where it came from for messages, the release directory or None for a dict)."""
     if isinstance(directory, Mapping):
-        return dict(directory), "release config"
+        return dict(directory), "release config", None
     config = read_json(directory, "config.json")
-    return config, str(Path(directory) / "config.json")
+    return config, str(Path(directory) / "config.json"), Path(directory)
 
 
 def _scales(config: dict, where: str) -> list[int]:
@@ -78,7 +84,21 @@ def _scales(config: dict, where: str) -> list[int]:
     return out
 
 
-def _vision_config(config: dict, where: str, clip_dir, moe: Optional[MoEConfig]) -> VisionConfig:
+def _clip_from_dir(tower: Path, overrides: dict) -> Optional[VisionConfig]:
+    """The CLIP config of a local CLIP directory: HF (``config.json``) or OpenCLIP
+    (``open_clip_config.json``); None when it holds neither."""
+    if (tower / "config.json").is_file():
+        return vision_config_from_hf(
+            read_json(tower, "config.json"),
+            preprocessor=read_json(tower, "preprocessor_config.json", required=False),
+            **overrides,
+        )
+    if (tower / "open_clip_config.json").is_file():
+        return vision_config_from_open_clip(tower / "open_clip_config.json", **overrides)
+    return None
+
+
+def _vision_config(config: dict, where: str, release_dir: Optional[Path], clip_dir, moe: Optional[MoEConfig]) -> VisionConfig:
     select_feature = config.get("mm_vision_select_feature", "patch")
     if select_feature not in ("patch", "cls_patch"):
         raise CheckpointError(f"{where}: mm_vision_select_feature={select_feature!r}; expected 'patch' or 'cls_patch'")
@@ -88,29 +108,42 @@ def _vision_config(config: dict, where: str, clip_dir, moe: Optional[MoEConfig])
         moe=moe,
         s2_scales=_scales(config, where),
     )
-    tower = clip_dir if clip_dir is not None else config.get("mm_vision_tower")
-    if tower is None:
-        raise CheckpointError(f"{where}: no mm_vision_tower; pass --clip-dir (the CLIP checkpoint directory)")
-    tower_path = Path(tower)
-    if (tower_path / "config.json").is_file():
-        vision = vision_config_from_hf(
-            read_json(tower_path, "config.json"),
-            preprocessor=read_json(tower_path, "preprocessor_config.json", required=False),
-            **overrides,
-        )
-    elif clip_dir is None and str(tower) in KNOWN_CLIP_TOWERS:
-        vision = VisionConfig(**KNOWN_CLIP_TOWERS[str(tower)], **overrides)
-        vision.validate()
+    named = config.get("mm_vision_tower")
+    if clip_dir is not None:
+        tower = str(clip_dir)
+        if not Path(clip_dir).is_dir():
+            raise CheckpointError(f"--clip-dir {tower} is not a directory; pass the CLIP checkpoint's directory")
+        try:
+            vision = _clip_from_dir(Path(clip_dir), overrides)
+        except CheckpointError as err:
+            raise CheckpointError(f"--clip-dir {tower}: {err}; pass the CLIP checkpoint's directory") from err
+        if vision is None:
+            raise CheckpointError(
+                f"--clip-dir {tower} holds no CLIP config (config.json of a HF CLIP or "
+                "open_clip_config.json of an OpenCLIP); pass the CLIP checkpoint's directory"
+            )
     else:
-        raise CheckpointError(
-            f"{where}: mm_vision_tower={tower!r} is neither a local CLIP checkpoint directory (with "
-            f"config.json) nor one of the known hub ids {sorted(KNOWN_CLIP_TOWERS)}; pass --clip-dir "
-            "(a local copy of that CLIP)"
-        )
+        if named is None:
+            raise CheckpointError(f"{where}: no mm_vision_tower; pass --clip-dir (the CLIP checkpoint directory)")
+        tower = str(named)
+        # Where the CLIP can be read: the directory the release names, then the copy of its
+        # config that our exports write beside the weights (the named path may be elsewhere).
+        candidates = [Path(tower)] + ([release_dir / BUNDLED_CLIP_DIR] if release_dir is not None else [])
+        vision = next((v for c in candidates if c.is_dir() and (v := _clip_from_dir(c, overrides)) is not None), None)
+        if vision is None and tower in KNOWN_CLIP_TOWERS:
+            vision = VisionConfig(**KNOWN_CLIP_TOWERS[tower], **overrides)
+            vision.validate()
+        if vision is None:
+            raise CheckpointError(
+                f"{where}: mm_vision_tower={tower} is neither a local CLIP checkpoint directory (with "
+                f"config.json or open_clip_config.json) nor one of the known hub ids "
+                f"{', '.join(sorted(KNOWN_CLIP_TOWERS))}; pass --clip-dir (a local copy of that CLIP)"
+            )
     mm_hidden = config.get("mm_hidden_size")
     if mm_hidden is not None and int(mm_hidden) != vision.hidden_size:
         raise CheckpointError(
-            f"{where}: mm_hidden_size={mm_hidden} but the CLIP ({tower}) has hidden_size={vision.hidden_size}"
+            f"{where}: mm_hidden_size={mm_hidden} but the CLIP ({tower}) has hidden_size={vision.hidden_size}; "
+            "pass --clip-dir with the CLIP this release was trained with"
         )
     return vision
 
@@ -122,15 +155,16 @@ def model_config_from_release(
 ) -> ModelConfig:
     """Our `ModelConfig` for a CuMo release directory (or its ``config.json`` as a dict).
 
-    Vision: the CLIP named by ``mm_vision_tower`` (``clip_dir`` overrides it: releases name a hub
-    id), features from ``mm_vision_select_layer``, CLS dropped for ``mm_vision_select_feature:
+    Vision: the CLIP named by ``mm_vision_tower`` (a local HF or OpenCLIP directory; else the copy
+    of its config beside the weights, ``vision_tower/``, that our exports write; else one of the
+    hub ids in `KNOWN_CLIP_TOWERS`); ``clip_dir`` overrides it (releases name a hub id). Features from ``mm_vision_select_layer``, CLS dropped for ``mm_vision_select_feature:
     patch``, S2 ``scales``, CLIP-MoE (``clip_smoe``) with ``num_experts`` / ``num_selected`` on every
     built layer. Connector: ``smoe_mlp`` (MoE) or ``mlp2x_gelu`` (dense). LLM: from the LLM fields
     (`language_config_from_hf`). Every MoE module takes ``balance_loss_coef`` /
     ``router_z_loss_coef`` (CuMo applies them to the Mixtral LLM's routers too). Precision stays
     the `ModelConfig` default; set it for training.
     """
-    config, where = _release_config(directory)
+    config, where, release_dir = _release_config(directory)
     model_type = config.get("model_type")
     if model_type not in RELEASE_MODEL_TYPES:
         raise CheckpointError(
@@ -161,7 +195,7 @@ def model_config_from_release(
     language = language_config_from_hf(config, allow_sliding_window=allow_sliding_window)
     if language.moe is not None:
         language.moe.balance_coeff, language.moe.z_loss_coeff = balance, z_loss
-    vision = _vision_config(config, where, clip_dir, cumo_moe() if config.get("clip_smoe") else None)
+    vision = _vision_config(config, where, release_dir, clip_dir, cumo_moe() if config.get("clip_smoe") else None)
     connector = ConnectorConfig(moe=cumo_moe() if projector == "smoe_mlp" else None)
     model = ModelConfig(vision=vision, connector=connector, language=language)
     model.validate()
@@ -232,6 +266,25 @@ _LLAVA_NAMES = {
 }
 
 
+# Fields the original code reads from config.json without a default (llava_arch.py, the
+# projector builder, llava_{mistral,mixtral}.py's forward), with the values of a model loaded for
+# inference: CuMo's eval scripts set ``training`` False themselves; ``mm_use_im_patch_token``
+# defaults to True in its builder, which would add a token and resize the embeddings.
+_ORIGINAL_DEFAULTS = dict(
+    training=False, local_rank=0, num_layers=3, dropout=False, use_mm_proj=True,
+    mm_use_im_patch_token=False, mm_use_im_start_end=False, image_aspect_ratio="pad",
+    tokenizer_padding_side="right",
+)
+
+
+def _matching_hub_tower(vision: VisionConfig) -> Optional[str]:
+    """The known hub id whose CLIP has ``vision``'s shape, if any."""
+    for hub_id, shape in KNOWN_CLIP_TOWERS.items():
+        if all(getattr(vision, name) == value for name, value in shape.items()):
+            return hub_id
+    return None
+
+
 def release_config(
     model_cfg: ModelConfig,
     base: Optional[Mapping] = None,
@@ -241,20 +294,32 @@ def release_config(
     """A release ``config.json`` describing ``model_cfg`` (the inverse of `model_config_from_release`).
 
     ``base`` (the original release config) keeps the fields we do not model (tokenizer settings,
-    training flags); ``vision_tower`` sets ``mm_vision_tower`` (default: ``base``'s, else CuMo's
-    ``openai/clip-vit-large-patch14-336``).
+    training flags); the fields the original code reads without a default get inference values
+    when ``base`` lacks them. ``vision_tower`` sets ``mm_vision_tower`` (default: ``base``'s, else
+    the known hub id of a CLIP of this shape); a CLIP nobody names is refused.
     """
     vision, connector = model_cfg.vision, model_cfg.connector
     moes = [m for m in (vision.moe, connector.moe) if m is not None]
     if len({(m.num_experts, m.top_k, m.balance_coeff, m.z_loss_coeff) for m in moes}) > 1:
         raise CheckpointError(
             "a release config has one num_experts / num_selected / loss coefficients for the vision and "
-            f"connector MoEs, but they differ: vision.moe={vision.moe}, connector.moe={connector.moe}"
+            f"connector MoEs, but they differ: vision.moe={vision.moe}, connector.moe={connector.moe}; "
+            "export with --format split"
         )
     if vision.moe is not None and vision.moe_layers is not None and sorted(vision.moe_layers) != list(range(vision.built_layers)):
-        raise CheckpointError("a release's CLIP-MoE covers every layer; vision.moe_layers selects a subset")
+        raise CheckpointError(
+            "a release's CLIP-MoE covers every layer but vision.moe_layers selects a subset; export with --format split"
+        )
     base = dict(base or {})
+    tower = vision_tower or base.get("mm_vision_tower") or _matching_hub_tower(vision)
+    if tower is None:
+        raise CheckpointError(
+            "the release must name its CLIP (mm_vision_tower) and none is known for this vision tower; "
+            "pass vision_tower= (a hub id or a CLIP directory)"
+        )
     out = hf_config_from_language(model_cfg.language, base=base, dtype=dtype)
+    for name, value in _ORIGINAL_DEFAULTS.items():
+        out.setdefault(name, value)
     model_type, arch = _LLAVA_NAMES[model_cfg.language.arch]
     out.update(
         model_type=model_type,
@@ -263,17 +328,18 @@ def release_config(
         mm_hidden_size=vision.hidden_size,
         mm_vision_select_layer=vision.feature_layer,
         mm_vision_select_feature="patch" if vision.drop_cls else "cls_patch",
-        mm_vision_tower=vision_tower or base.get("mm_vision_tower") or "openai/clip-vit-large-patch14-336",
+        mm_vision_tower=str(tower),
         mm_patch_merge_type="flat",
         scales=list(vision.s2_scales),
         clip_smoe=vision.moe is not None,
         mlp_smoe=connector.moe is not None,
     )
+    # One set of loss coefficients for every MoE module (CuMo applies them to a Mixtral's too).
+    coefficients = moes + ([model_cfg.language.moe] if model_cfg.language.moe is not None else [])
+    out.setdefault("balance_loss_coef", MoEConfig.balance_coeff)
+    out.setdefault("router_z_loss_coef", MoEConfig.z_loss_coeff)
+    if coefficients:
+        out.update(balance_loss_coef=coefficients[0].balance_coeff, router_z_loss_coef=coefficients[0].z_loss_coeff)
     if moes:
-        out.update(
-            num_experts=moes[0].num_experts,
-            num_selected=moes[0].top_k,
-            balance_loss_coef=moes[0].balance_coeff,
-            router_z_loss_coef=moes[0].z_loss_coeff,
-        )
+        out.update(num_experts=moes[0].num_experts, num_selected=moes[0].top_k)
     return out

@@ -32,6 +32,7 @@ from cumo_megatron.checkpoint.adapters.common import (
     Rule,
     RuleStream,
     describe_keys,
+    fetch,
     fuse_qkv_per_head,
     identity_rule,
     reshape_rule,
@@ -544,3 +545,116 @@ def vision_config_from_open_clip(
     preprocess = _as_dict(preprocess) if preprocess is not None else config.get("preprocess_cfg")
     ours.update(_image_stats(preprocess, "mean", "std"))
     return _finish(ours, overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tensors a tower's import does not consume, moved to another layout
+# ------------------------------------------------------------------------------------------------
+
+_NEUTRAL = "layer."  # our names for one layer, only used to pair a source rule with a target rule
+
+
+def _moe_ized(layer: dict[str, torch.Tensor], root: str, num_experts: int, seed: int) -> dict[str, torch.Tensor]:
+    """A dense HF-named layer (keys under ``root``) in CLIP-MoE form: experts copy the MLP, fresh gate.
+
+    What CuMo's own upcycling does to every layer of the tower (``llava_arch.py``,
+    ``vision_tower_dir``): the experts load the dense ``mlp.fc1/fc2`` and the gate keeps a fresh
+    init. Here the gate is `fresh_router_weight`, seeded by ``seed`` and the gate's name.
+    """
+    from cumo_megatron.moe.upcycling import fresh_router_weight
+
+    out: dict[str, torch.Tensor] = {}
+    mlp = {k[len(root + "mlp."):]: v for k, v in layer.items() if k.startswith(root + "mlp.")}
+    if set(mlp) != {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}:
+        return dict(layer)  # not a plain CLIP MLP: leave the layer as it is
+    for key, tensor in layer.items():
+        if not key.startswith(root + "mlp."):
+            out[key] = tensor
+    fc1 = mlp["fc1.weight"]
+    out[root + "gate.weight"] = fresh_router_weight(root + "gate.weight", num_experts, fc1.shape[1], seed, fc1)
+    for j in range(num_experts):
+        for name, tensor in mlp.items():
+            out[f"{root}experts.{j}.{name}"] = tensor.clone()
+    return out
+
+
+def _open_clip_tail_to_hf(
+    tensors: Mapping[str, torch.Tensor], cfg: VisionConfig, src_prefix: str, dst_prefix: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """OpenCLIP resblocks past the feature layer and ``ln_post`` in HF names (the same rules as the
+    built layers, so q/k/v are split exactly as an import would); (converted, left over)."""
+    converted: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    layers = _layer_keys(list(tensors), src_prefix + _OPEN_CLIP_LAYERS)
+    for i in sorted(layers):
+        theirs = _open_clip_layer_rules(cfg, _NEUTRAL, f"{src_prefix}{_OPEN_CLIP_LAYERS}{i}.")
+        ours = {rule.ours: rule for rule in _hf_layer_rules(cfg, _NEUTRAL, f"{dst_prefix}{_HF_LAYERS}{i}.", moe=False)}
+        where = f"OpenCLIP layer {i} (not built)"
+        for rule in theirs:
+            if not all(k in tensors for k in rule.theirs):
+                continue  # an incomplete tensor set stays as it is (left over)
+            parts = [fetch(tensors, k, s, where) for k, s in zip(rule.theirs, rule.theirs_shapes)]
+            target = ours[rule.ours]
+            converted.update(zip(target.theirs, target.to_theirs(rule.to_ours(*parts))))
+            used.update(rule.theirs)
+    for param in ("weight", "bias"):
+        key = f"{src_prefix}ln_post.{param}"
+        if key in tensors:
+            converted[f"{dst_prefix}post_layernorm.{param}"] = tensors[key]
+            used.add(key)
+    return converted, {k: v for k, v in tensors.items() if k not in used}
+
+
+def tower_tail_to_layout(
+    tensors: Mapping[str, torch.Tensor],
+    cfg: VisionConfig,
+    src_layout: str,
+    src_prefix: str,
+    dst_prefix: str = RELEASE_PREFIX,
+    moe_seed: Optional[int] = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tower tensors an import left unconverted (`clip_unused_keys`: the layers past the
+    feature layer, ``post_layernorm`` / ``ln_post``), in HF names under ``dst_prefix``.
+
+    ``tensors``: those unused tensors as the source held them (``src_layout`` ``hf``,
+    ``cumo_release`` or ``open_clip``, tower prefix ``src_prefix``). HF names move by prefix;
+    OpenCLIP blocks go through the import's own rules (bit-exact: q/k/v are split, nothing is
+    computed). With ``moe_seed`` (a CLIP-MoE export: the original CuMo builds every layer of the
+    tower as an MoE layer) a dense layer becomes an MoE one, experts copying its MLP
+    (`_moe_ized`). Returns (converted, left over): what has no place in a HF vision tower (a
+    text tower, OpenCLIP's ``proj``, ``logit_scale``) is left over, under its source name.
+    """
+    if src_layout == "open_clip":
+        converted, rest = _open_clip_tail_to_hf(tensors, cfg, src_prefix, dst_prefix)
+    else:
+        converted = {dst_prefix + k[len(src_prefix):]: v for k, v in tensors.items() if k.startswith(src_prefix)}
+        rest = {k: v for k, v in tensors.items() if not k.startswith(src_prefix)}
+    if moe_seed is None or cfg.moe is None:
+        return converted, rest
+    root = dst_prefix + _HF_LAYERS
+    layers = _layer_keys(list(converted), root)
+    in_layers = {k for keys in layers.values() for k in keys}
+    out: dict[str, torch.Tensor] = {k: v for k, v in converted.items() if k not in in_layers}
+    for i in sorted(layers):
+        layer = {k: converted[k] for k in layers[i]}
+        out.update(_moe_ized(layer, f"{root}{i}.", cfg.moe.num_experts, moe_seed))
+    return out, rest
+
+
+def identity_layer(cfg: VisionConfig, prefix: str, index: int) -> dict[str, torch.Tensor]:
+    """An all-zero dense HF-named layer ``prefix + encoder.layers.<index>.*`` (fp32).
+
+    A pre-norm residual layer whose every weight is zero adds nothing: both LayerNorms output
+    zeros, so attention and MLP add zero to the residual stream. It stands for a layer past the
+    feature layer that a model trained from scratch never had (its output is never used), so
+    that the tower has the depth its config names.
+    """
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    root = f"{prefix}{_HF_LAYERS}{index}."
+    shapes = {"layer_norm1": [(h,)], "layer_norm2": [(h,)], "mlp.fc1": [(f, h), (f,)], "mlp.fc2": [(h, f), (h,)]}
+    shapes.update({f"self_attn.{p}_proj": [(h, h), (h,)] for p in ("q", "k", "v", "out")})
+    out = {}
+    for module, (first, *rest) in shapes.items():
+        out[f"{root}{module}.weight"] = torch.zeros(first)
+        out[f"{root}{module}.bias"] = torch.zeros(rest[0] if rest else first)
+    return out
