@@ -11,10 +11,15 @@ works as in training), with dropout off, and leaves the training run exactly as 
   saved before and restored after, and each module's train/eval flag is put back as it was;
 - router statistics it causes are drained per micro-batch, so the next training step logs its own.
 
-Sharding: the records, sorted by length (less padding), are dealt to the data-parallel ranks in
-micro-batches of ``train.micro_batch_size`` (the megabatch layout of `data.sampler`, without the
-shuffle); the last megabatch is filled with all-padding rows, so every rank runs the same number of
-micro-batches (collectives stay in step) and each record counts exactly once.
+Sharding (`eval_plan`): image records, then text-only records, each sorted longest first (less
+padding), are cut into megabatches of ``micro_batch_size x dp`` and rank ``r`` takes slice
+``[r * mbs, (r + 1) * mbs)`` of each (the layout of `data.sampler`, without the shuffle). The last
+megabatch of each modality is filled with all-padding rows, so every rank runs the same number of
+micro-batches (collectives stay in step) and each record counts exactly once. A megabatch holds one
+modality, so its micro-batches run the vision tower on every rank or on none (its experts'
+all-to-all under expert parallelism needs every rank); a rank whose slice of an image megabatch is
+empty gets a *stand-in* row instead, an image record with no loss and not counted, in a micro-batch
+that counts for nothing.
 
 Figures (the same on every rank):
 
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -41,10 +46,11 @@ import torch.distributed as dist
 from cumo_megatron.data.dataset import Sample, Skipped
 from cumo_megatron.data.records import Problem
 
-__all__ = ["heldout_dataset", "eval_plan", "due", "Validator"]
+__all__ = ["PADDING", "STAND_IN", "heldout_dataset", "eval_plan", "due", "Validator"]
 
 SPLIT = "validation"
 PADDING = -1  # plan entry of an all-padding row (fills the last megabatch)
+STAND_IN = -2  # index of a stand-in row; the plan entry of a stand-in for record i is STAND_IN - i
 _PADDING_ROW = Skipped(PADDING, Problem("padding", "<validation padding>", None, None, "all-padding row"))
 
 
@@ -63,21 +69,28 @@ def heldout_dataset(cfg, files: Sequence[str], image_folder: Optional[str] = Non
     return dataset_for_run(cfg, files, tokenizer, image_folder)
 
 
-def eval_plan(lengths: Sequence[int], micro_batch_size: int, dp_size: int, dp_rank: int) -> list[list[int]]:
-    """This rank's micro-batches (dataset indices; `PADDING` for an all-padding row).
+def eval_plan(lengths: Sequence[int], has_image: Sequence[bool], micro_batch_size: int, dp_size: int,
+              dp_rank: int) -> list[list[int]]:
+    """This rank's micro-batches of dataset indices (see the module docstring).
 
-    Records go longest first into megabatches of ``micro_batch_size * dp_size``; rank ``r`` takes
-    slice ``[r * mbs, (r + 1) * mbs)`` of each. Over all ranks every index appears exactly once,
-    and every rank gets the same number of micro-batches.
+    Entries: a record's index, `PADDING` (an all-padding row), or ``STAND_IN - i`` (a stand-in for
+    image record ``i``, only in a micro-batch without records). Over all ranks every index appears
+    exactly once as itself, and every rank gets the same number of micro-batches.
     """
     if micro_batch_size < 1 or not 0 <= dp_rank < dp_size:
         raise ValueError(f"bad layout: micro_batch_size={micro_batch_size} dp_size={dp_size} dp_rank={dp_rank}")
-    # Stable sort: equal lengths keep dataset order, so the plan is a pure function of its inputs.
-    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
     size = micro_batch_size * dp_size
-    order += [PADDING] * (-len(order) % size)
     lo = dp_rank * micro_batch_size
-    return [order[start + lo:start + lo + micro_batch_size] for start in range(0, len(order), size)]
+    plan = []
+    for images in (True, False):
+        # Stable sort: equal lengths keep dataset order, so the plan is a pure function of its inputs.
+        order = sorted((i for i in range(len(lengths)) if bool(has_image[i]) == images), key=lambda i: -int(lengths[i]))
+        for start in range(0, len(order), size):
+            mine = order[start:start + size][lo:lo + micro_batch_size]
+            if images and not mine:
+                mine = [STAND_IN - order[start]]
+            plan.append(mine + [PADDING] * (micro_batch_size - len(mine)))
+    return plan
 
 
 def due(iteration: int, total_steps: int, eval_interval: int) -> bool:
@@ -86,7 +99,7 @@ def due(iteration: int, total_steps: int, eval_interval: int) -> bool:
 
 
 class _WithPadding(torch.utils.data.Dataset):
-    """``dataset`` whose index `PADDING` is an all-padding row (picklable for DataLoader workers)."""
+    """``dataset`` with the plan's `PADDING` and stand-in rows (picklable for DataLoader workers)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -95,7 +108,14 @@ class _WithPadding(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        return _PADDING_ROW if index == PADDING else self.dataset[index]
+        if index == PADDING:
+            return _PADDING_ROW
+        if index <= STAND_IN:
+            item = self.dataset[STAND_IN - index]
+            if isinstance(item, Skipped):  # its image does not load: no vision forward on this rank
+                return _PADDING_ROW
+            return replace(item, index=STAND_IN, loss_mask=torch.zeros_like(item.loss_mask), truncated=None)
+        return self.dataset[index]
 
 
 @dataclass
@@ -106,7 +126,7 @@ class _CountingCollate:
 
     def __call__(self, items):
         batch = self.collate(items)
-        batch["records"] = sum(isinstance(it, Sample) for it in items)
+        batch["records"] = sum(isinstance(it, Sample) and it.index >= 0 for it in items)
         batch["skipped"] = [it for it in batch["skipped"] if it.index != PADDING]
         return batch
 
@@ -156,7 +176,7 @@ class Validator:
         self.dataset = dataset
         self.model = model
         self.collate = _CountingCollate(collate)
-        self.plan = eval_plan(dataset.lengths(), cfg.train.micro_batch_size, dp_size, dp_rank)
+        self.plan = eval_plan(dataset.lengths(), dataset.has_image(), cfg.train.micro_batch_size, dp_size, dp_rank)
         # Micro-batches per schedule call: a training step's worth (known to fit in memory).
         self.chunk = max(1, num_microbatches)
         self.fixed_length = fixed_length

@@ -26,7 +26,7 @@ from cumo_megatron.config.schema import ExperimentConfig
 from cumo_megatron.platform.distributed import set_cpu_threads
 from cumo_megatron.training.loop import TestHooks, Trainer
 from cumo_megatron.training.metrics import is_training_row
-from cumo_megatron.training.validation import PADDING, due, eval_plan
+from cumo_megatron.training.validation import PADDING, STAND_IN, due, eval_plan
 from tests.helpers.distributed import run_distributed
 from tests.training.test_resume import EXACT_KEYS, STEPS, _killed_then_resumed, _same_rows
 from tests.training.workers import experiment, make_eval_file, read_metrics, tiny_model, write_config
@@ -51,7 +51,8 @@ def _held(dataset, eval_file, init_weights, save) -> ExperimentConfig:
 
 def _plain_forward(model, cfg) -> dict:
     """The held-out figures by the model's own forward: LM loss record by record, token-weighted;
-    aux losses per micro-batch of 2 records in the documented order (longest first), averaged."""
+    aux losses per micro-batch of 2 records in the documented order (image records, then text-only
+    ones, each longest first), averaged."""
     from cumo_megatron.data.batching import collate
     from cumo_megatron.data.dataset import dataset_for_run
     from cumo_megatron.data.tokenizer import load_tokenizer
@@ -68,10 +69,12 @@ def _plain_forward(model, cfg) -> dict:
             loss_sum += float((per_token[0].double() * s.loss_mask.double()).sum())
             tokens += int(s.loss_mask.sum())
         collect_moe_stats(model)
-        lengths = dataset.lengths()
-        order = sorted(range(len(samples)), key=lambda i: -int(lengths[i]))
+        lengths, has_image = dataset.lengths(), dataset.has_image()
+        pairs = []
+        for images in (True, False):
+            order = sorted((i for i in range(len(samples)) if has_image[i] == images), key=lambda i: -int(lengths[i]))
+            pairs += [order[i:i + 2] for i in range(0, len(order), 2)]
         aux = {key: 0.0 for key in AUX}
-        pairs = [order[i:i + 2] for i in range(0, len(order), 2)]
         for pair in pairs:
             batch = collate([samples[i] for i in pair])
             model(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"],
@@ -208,15 +211,26 @@ def test_training_rows_exclude_nothing_but_validation():
     assert not is_training_row({"step": 1, "split": "validation"})
 
 
-@pytest.mark.parametrize("records, mbs, dp", [(7, 1, 2), (7, 2, 2), (5, 2, 1), (1, 3, 2), (8, 2, 2)])
-def test_eval_plan_deals_every_record_once(records, mbs, dp):
+@pytest.mark.parametrize("images, texts, mbs, dp", [(5, 2, 1, 2), (5, 2, 2, 2), (4, 1, 2, 1), (1, 0, 3, 2),
+                                                    (0, 3, 1, 2), (8, 8, 2, 2), (1, 1, 1, 3)])
+def test_eval_plan_deals_every_record_once(images, texts, mbs, dp):
+    """Every record once; every rank the same number of micro-batches, each with images on every
+    rank or on none (a stand-in where a rank has no image record); stand-ins only without records."""
+    records = images + texts
     lengths = [(7 * i) % 5 for i in range(records)]
-    plans = [eval_plan(lengths, mbs, dp, rank) for rank in range(dp)]
-    assert len({len(plan) for plan in plans}) == 1  # the same number of micro-batches on every rank
+    has_image = [i < images for i in range(records)]
+    plans = [eval_plan(lengths, has_image, mbs, dp, rank) for rank in range(dp)]
+    assert len({len(plan) for plan in plans}) == 1
     assert all(len(mb) == mbs for plan in plans for mb in plan)
-    dealt = [i for plan in plans for mb in plan for i in mb]
-    assert sorted(i for i in dealt if i != PADDING) == list(range(records))
-    assert dealt.count(PADDING) == -records % (mbs * dp)
+    dealt = [i for plan in plans for mb in plan for i in mb if i >= 0]
+    assert sorted(dealt) == list(range(records))
+    for step in zip(*plans):
+        image_rows = [any(i <= STAND_IN or (i >= 0 and has_image[i]) for i in mb) for mb in step]
+        assert len(set(image_rows)) == 1, step
+        for mb in step:
+            stand_ins = [i for i in mb if i <= STAND_IN]
+            assert not stand_ins or (len(stand_ins) == 1 and all(i == PADDING for i in mb if i > STAND_IN)), mb
+            assert all(has_image[STAND_IN - i] for i in stand_ins)
 
 
 def test_due_every_interval_and_at_the_end():
