@@ -792,11 +792,14 @@ def token_counts(metrics_path, tokens_per_image: int) -> tuple[int, int]:
     LLM sequence position processed (text and the micro-batches' right padding, which costs compute).
     """
     from cumo_megatron.jsonl import read_json_lines
+    from cumo_megatron.training.metrics import is_training_row
 
     images = tokens = 0
     for line in read_json_lines(metrics_path):
         if line.error is not None:
             raise ValueError(f"{metrics_path} line {line.number} is not JSON ({line.error})")
+        if not is_training_row(line.value):  # a validation row: no training tokens
+            continue
         images += int(line.value["images"])
         # Padded positions: padding costs compute (``tokens`` counts real tokens only; older files lack it).
         tokens += int(line.value.get("tokens_padded", line.value["tokens"]))
