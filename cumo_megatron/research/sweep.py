@@ -3,7 +3,8 @@
 Every cell of the grid trains the 2-layer GELU connector from scratch (ViT and LLM frozen: the
 project's stage 1) on its own training subset of ``data_size`` samples, with a cosine schedule of
 ``ceil(epochs * data_size / global_batch_size)`` steps, and is then scored on the held-out set
-(`cumo_megatron.research.eval_loss`; the trainer itself has no held-out evaluation). One row per
+(`cumo_megatron.research.eval_loss`; the trainer's own validation row at the end measures the
+same set). One row per
 cell goes to ``OUT/results.csv`` (`cumo_megatron.research.results_csv`).
 
 The grid is a YAML file (`load_grid`; examples in ``examples/configs/scaling/``)::
