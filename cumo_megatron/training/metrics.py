@@ -109,10 +109,17 @@ def console_line(row: dict) -> str:
     return " | ".join(parts)
 
 
-class MetricsWriter:
-    """Writes one JSON line per step, the same scalars to TensorBoard, and a console line."""
+_STDOUT = object()  # the console default: ``sys.stdout`` as it is when a line is printed
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0, console=sys.stdout):
+
+class MetricsWriter:
+    """Writes one JSON line per step, the same scalars to TensorBoard, and a console line.
+
+    ``console``: a text stream, None for no console lines, or by default whatever ``sys.stdout``
+    is at each write (a caller may redirect it around a run and close its file afterwards).
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0, console=_STDOUT):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.console = console
@@ -142,7 +149,8 @@ class MetricsWriter:
                 if name != "step" and math.isfinite(value):
                     self._tb.add_scalar(prefix + name, value, global_step=row["step"])
         if console and self.console is not None:
-            print(console_line(row) if training else validation_line(row), file=self.console, flush=True)
+            stream = sys.stdout if self.console is _STDOUT else self.console
+            print(console_line(row) if training else validation_line(row), file=stream, flush=True)
 
     def close(self) -> None:
         """Flush and close the files."""
