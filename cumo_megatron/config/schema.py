@@ -255,6 +255,8 @@ class DataConfig:
     max_aspect_ratio: float = 20.0
     grouping: Literal["modality_length", "length", "none"] = "modality_length"
     num_workers: int = 0
+    # Held-out LLaVA files: evaluated every train.eval_interval steps and at the end
+    # (`training.validation`), through the same template, tokenizer and image processing.
     eval_files: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -291,6 +293,7 @@ class TrainConfig:
     save_interval: int = 500
     keep_last: int = 2
     log_interval: int = 1
+    eval_interval: int = 0  # validate on data.eval_files every N steps; 0: only at the end
     max_bad_steps: int = 3  # consecutive NaN/Inf steps before the run stops
     # fp16 only (model.precision=fp16): a fixed loss scale, or dynamic scaling (null) that starts at
     # initial_loss_scale, halves after loss_scale_hysteresis overflowing steps (each skipped and
@@ -328,6 +331,8 @@ class TrainConfig:
             raise ConfigError("train.loss_scale_window and train.loss_scale_hysteresis must be >= 1")
         if self.overlap_param_gather and not self.distributed_optimizer:
             raise ConfigError("train.overlap_param_gather=true needs train.distributed_optimizer=true")
+        if self.eval_interval < 0:
+            raise ConfigError(f"train.eval_interval must be >= 0 (0: validate only at the end), got {self.eval_interval}")
 
 
 @dataclass
@@ -344,6 +349,11 @@ class ExperimentConfig:
         """Checks that need both the model and the parallel layout."""
         check_parallel_layout(self.model, self.parallel)
         check_sequence_length(self.model, self.parallel, self.data)
+        if self.train.eval_interval and not self.data.eval_files:
+            raise ConfigError(
+                f"train.eval_interval={self.train.eval_interval} but data.eval_files is empty: "
+                "give held-out files or set train.eval_interval=0"
+            )
 
 
 def check_parallel_layout(model: ModelConfig, parallel: ParallelConfig) -> None:

@@ -40,6 +40,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from cumo_megatron.files import write_text_atomic
 from cumo_megatron.research.load_metrics import max_violation
+from cumo_megatron.training.metrics import is_training_row
 
 PathLike = Union[str, Path]
 
@@ -283,7 +284,7 @@ def final_metrics(metrics_path: PathLike, last_steps: int) -> dict:
     path = Path(metrics_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: the variant's stage 3 did not finish; re-run the ablation")
-    rows = [r for r in _metrics_rows(path) if r.get("lm_loss") is not None]
+    rows = [r for r in _metrics_rows(path) if r.get("lm_loss") is not None and is_training_row(r)]
     if not rows:
         raise ValueError(f"{path} holds no training step; re-run the variant (delete its directory)")
     rows.sort(key=lambda r: r["step"])

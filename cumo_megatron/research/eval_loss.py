@@ -1,7 +1,9 @@
 """Held-out LM loss of a finished training run, from its latest checkpoint.
 
-The trainer reports training losses only (``data.eval_files`` is accepted by the config but the
-training loop never reads it), so the scaling sweep measures each cell's final eval loss here:
+The trainer itself validates on ``data.eval_files`` during training (every ``train.eval_interval``
+steps and at the end: `cumo_megatron.training.validation`, rows with ``"split": "validation"`` in
+``metrics.jsonl``). This tool measures a finished run's checkpoint afterwards, on any held-out
+files, in one process; the scaling sweep takes each cell's final eval loss from it:
 
     python -m cumo_megatron.research.eval_loss --run RUN_DIR [--data held_out.json ...] [--out eval.json]
 
@@ -41,15 +43,11 @@ class HeldOutLoss:
 
 
 def heldout_dataset(cfg, files: Sequence[str], image_folder: Optional[str] = None):
-    """A `LlavaDataset` of ``files`` prepared exactly as the run ``cfg`` prepared its training data."""
-    from cumo_megatron.data.dataset import dataset_for_run
-    from cumo_megatron.data.tokenizer import load_tokenizer
+    """A `LlavaDataset` of ``files`` prepared exactly as the run ``cfg`` prepared its training data
+    (the trainer's validation builds its held-out data with the same function)."""
+    from cumo_megatron.training.validation import heldout_dataset as build
 
-    data = cfg.data
-    if data.tokenizer is None:
-        raise ValueError("the run's config has no data.tokenizer; the held-out text cannot be tokenised")
-    tokenizer = load_tokenizer(data.tokenizer)
-    return dataset_for_run(cfg, files, tokenizer, image_folder)
+    return build(cfg, files, image_folder)
 
 
 def heldout_loss(model, dataset, micro_batch_size: int = 8) -> HeldOutLoss:

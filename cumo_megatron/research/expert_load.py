@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from cumo_megatron.jsonl import read_json_lines
+from cumo_megatron.training.metrics import is_training_row
 from cumo_megatron.research.load_metrics import load_entropy, max_violation, shares
 
 PathLike = Union[str, Path]
@@ -276,6 +277,8 @@ def read_metrics_load(path: PathLike, steps: tuple[Optional[int], Optional[int]]
         if not isinstance(row, dict) or "step" not in row:
             raise ValueError(f"{path} line {number}: not a metrics row (a JSON object with 'step'); "
                              "is this a metrics.jsonl?")
+        if not is_training_row(row):  # a validation row (same step as its training row, no load)
+            continue
         step = int(row["step"])
         if step in seen:
             raise ValueError(

@@ -3,7 +3,8 @@
 Every cell of the grid trains the 2-layer GELU connector from scratch (ViT and LLM frozen: the
 project's stage 1) on its own training subset of ``data_size`` samples, with a cosine schedule of
 ``ceil(epochs * data_size / global_batch_size)`` steps, and is then scored on the held-out set
-(`cumo_megatron.research.eval_loss`; the trainer itself has no held-out evaluation). One row per
+(`cumo_megatron.research.eval_loss`; the trainer's own validation row at the end measures the
+same set). One row per
 cell goes to ``OUT/results.csv`` (`cumo_megatron.research.results_csv`).
 
 The grid is a YAML file (`load_grid`; examples in ``examples/configs/scaling/``)::
@@ -792,11 +793,14 @@ def token_counts(metrics_path, tokens_per_image: int) -> tuple[int, int]:
     LLM sequence position processed (text and the micro-batches' right padding, which costs compute).
     """
     from cumo_megatron.jsonl import read_json_lines
+    from cumo_megatron.training.metrics import is_training_row
 
     images = tokens = 0
     for line in read_json_lines(metrics_path):
         if line.error is not None:
             raise ValueError(f"{metrics_path} line {line.number} is not JSON ({line.error})")
+        if not is_training_row(line.value):  # a validation row: no training tokens
+            continue
         images += int(line.value["images"])
         # Padded positions: padding costs compute (``tokens`` counts real tokens only; older files lack it).
         tokens += int(line.value.get("tokens_padded", line.value["tokens"]))

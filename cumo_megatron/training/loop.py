@@ -19,7 +19,8 @@ One `Trainer` runs one stage (`train.stage`) of one experiment:
    in a row stop the run (`TrainingDiverged`), the last good checkpoint stays ``latest``;
    metrics (JSONL, TensorBoard, console) from one reporting rank; checkpoints every
    ``save_interval`` steps and at the end, each also a model checkpoint the tools open
-   (`checkpointing`).
+   (`checkpointing`); the held-out loss over ``data.eval_files`` every ``eval_interval`` steps
+   and at the end, before that step's checkpoint (`validation`).
 
 Test hooks (environment variables, read once): ``CUMO_TEST_KILL_AFTER_SAVE=N`` SIGKILLs every rank
 right after checkpoint N is complete; ``CUMO_TEST_KILL_DURING_SAVE=N`` SIGKILLs them after
@@ -45,7 +46,7 @@ from cumo_megatron.config.loader import ConfigError, save_config
 from cumo_megatron.config.schema import ExperimentConfig, check_sequence_length
 from cumo_megatron.errors import EXIT_DIVERGED, UserError
 from cumo_megatron.models.parallelize import comm_device
-from cumo_megatron.training import checkpointing, data_failures, performance, skipped_report, stages
+from cumo_megatron.training import checkpointing, data_failures, performance, skipped_report, stages, validation
 from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step, real_and_padded_tokens
 
@@ -105,6 +106,7 @@ class Trainer:
         self.overflow_steps = 0  # fp16 loss-scale overflows (skipped by the scaler)
         self._built = False
         self.save_lock: Optional[SaveDirLock] = None
+        self.validation_rows: list[dict] = []  # on every rank (each gets the same figures)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -196,6 +198,7 @@ class Trainer:
             and self.dp_rank == 0
         )
         self.metrics = MetricsWriter(self.out, enabled=self.reporter, resume_step=self.iteration)
+        self.validator = validation.Validator.for_trainer(self)  # None without data.eval_files
         self.param_counts = hand_count(cfg.model)
         self._built = True
         if self.rank == 0:
@@ -446,6 +449,11 @@ class Trainer:
                         f"checkpoint is {last or 'none (no checkpoint was written yet)'}: lower train.lr, check "
                         "the data, or raise train.max_bad_steps"
                     )
+                # Before the checkpoint: a run resumed from it has already written this validation.
+                if self.validator is not None and validation.due(self.iteration, self.total_steps,
+                                                                 train.eval_interval):
+                    self.validation_rows.append(self.validator.run(self.iteration))
+                    self.metrics.write(self.validation_rows[-1])
                 due = (train.save_interval and self.iteration % train.save_interval == 0) or (
                     self.iteration == self.total_steps
                 )

@@ -7,6 +7,10 @@ Throughput counts real tokens only: ``tokens`` (and so ``tokens_per_s`` and the 
 out padding (`real_and_padded_tokens`, from the batch's ``padding_mask``); ``tokens_padded`` is
 every sequence position processed, padding included.
 
+Validation rows (`training.validation`) share the file: they carry ``"split": "validation"`` and
+the step they follow; their TensorBoard tags are prefixed ``validation/``. Readers that want the
+training steps only keep the rows `is_training_row` accepts.
+
 Model FLOPs are estimated from parameter counts (`model_flops_per_step`), per token through each
 module: 6 x active parameters for what is trained (forward 2, input gradients 2, weight gradients
 2); in stage 1 the frozen LLM 4x (forward and the input gradients that carry the loss back to the
@@ -61,6 +65,24 @@ def _scalars(row: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def is_training_row(row: dict) -> bool:
+    """Whether a ``metrics.jsonl`` row is a training step's (not a validation row)."""
+    return row.get("split", "train") == "train"
+
+
+def validation_line(row: dict) -> str:
+    """``validation step 12 | loss 2.3456 | lm 2.3000 | vis bal 1.002 z 0.120 | 37 records, 1234 tokens | 1.2 s``."""
+    parts = [f"{row['split']} step {row['step']}", f"loss {row['loss']:.4f}", f"lm {row['lm_loss']:.4f}"]
+    for module in ("vision", "connector", "language"):
+        if f"{module}_balance" in row:
+            parts.append(f"{module[:3]} bal {row[f'{module}_balance']:.3f} z {row[f'{module}_z_loss']:.3f}")
+    parts.append(f"{row['records']} records, {row['tokens']} tokens")
+    if row.get("skipped"):
+        parts.append(f"{row['skipped']} skipped")
+    parts.append(f"{row['time_s']:.1f} s")
+    return " | ".join(parts)
+
+
 def console_line(row: dict) -> str:
     """``step 12 | loss 2.3456 | lm 2.3000 | lr 1.0e-03 | gnorm 0.812 | 1234 tok/s | 0.01 TFLOP/s``."""
     def fmt(value, spec):
@@ -87,10 +109,17 @@ def console_line(row: dict) -> str:
     return " | ".join(parts)
 
 
-class MetricsWriter:
-    """Writes one JSON line per step, the same scalars to TensorBoard, and a console line."""
+_STDOUT = object()  # the console default: ``sys.stdout`` as it is when a line is printed
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0, console=sys.stdout):
+
+class MetricsWriter:
+    """Writes one JSON line per step, the same scalars to TensorBoard, and a console line.
+
+    ``console``: a text stream, None for no console lines, or by default whatever ``sys.stdout``
+    is at each write (a caller may redirect it around a run and close its file afterwards).
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, resume_step: int = 0, console=_STDOUT):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.console = console
@@ -104,17 +133,24 @@ class MetricsWriter:
         self._tb = _tensorboard_writer(self.path.parent / "tensorboard")
 
     def write(self, row: dict, console: bool = True) -> None:
-        """Record one step's metrics (a no-op on ranks that do not report)."""
+        """Record one step's metrics (a no-op on ranks that do not report).
+
+        A row with a ``split`` (validation) gets TensorBoard tags ``<split>/<name>``, apart from the
+        training curves of the same step.
+        """
         if not self.enabled:
             return
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        training = is_training_row(row)
+        prefix = "" if training else f"{row['split']}/"
         if self._tb is not None:
             for name, value in _scalars(row).items():
                 if name != "step" and math.isfinite(value):
-                    self._tb.add_scalar(name, value, global_step=row["step"])
+                    self._tb.add_scalar(prefix + name, value, global_step=row["step"])
         if console and self.console is not None:
-            print(console_line(row), file=self.console, flush=True)
+            stream = sys.stdout if self.console is _STDOUT else self.console
+            print(console_line(row) if training else validation_line(row), file=stream, flush=True)
 
     def close(self) -> None:
         """Flush and close the files."""

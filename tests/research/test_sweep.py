@@ -277,9 +277,21 @@ def test_eval_loss_falls_with_data_size_for_each_encoder(tiny_sweep):
         assert losses == sorted(losses, reverse=True), (vision.name, losses)
 
 
-def _metrics(out: Path, cell: tuple) -> list[dict]:
+def _metrics(out: Path, cell: tuple, split: str = "train") -> list[dict]:
+    """The cell's training rows (``split="validation"``: its validation rows)."""
     path = out / "cells" / f"{cell[0]}__{cell[1]}__d{cell[2]}" / "run" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("split", "train") == split]
+
+
+def test_trainer_validation_agrees_with_the_held_out_loss(tiny_sweep):
+    """The trainer's own validation after the last step (forward-only through megatron's schedule)
+    and `research.eval_loss` (the checkpoint reloaded, a plain forward) measure the same held-out set."""
+    _, out, rows, _ = tiny_sweep
+    for cell, row in rows.items():
+        (validation,) = _metrics(out, cell, "validation")
+        assert validation["step"] == _metrics(out, cell)[-1]["step"]
+        assert validation["lm_loss"] == pytest.approx(row.final_eval_loss, rel=1e-5), cell
 
 
 def test_cells_run_a_cosine_schedule_sized_to_their_data(tiny_sweep):

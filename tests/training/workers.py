@@ -50,6 +50,25 @@ def make_dataset(directory: Path, num_images: int = 16, num_text: int = 4) -> di
     return {"tokenizer": str(tokenizer), "image_folder": str(directory / "images"), "file": str(data)}
 
 
+def make_eval_file(dataset: dict, path: Path, num_images: int = 5, num_text: int = 2, seed: int = 7) -> str:
+    """A held-out LLaVA JSON beside ``dataset``'s (its images and tokenizer, other answers)."""
+    from tests.fixtures.tiny_models import shape_sentences
+
+    images = sorted(r["image"] for r in json.loads(Path(dataset["file"]).read_text()) if "image" in r)
+    sentences = shape_sentences(200, seed=seed)
+    rng = random.Random(seed)
+    records = [{"id": f"eval-img{i}", "image": images[i % len(images)], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": rng.choice(sentences)}]}
+        for i in range(num_images)]
+    records += [{"id": f"eval-txt{i}", "conversations": [
+        {"from": "human", "value": rng.choice(sentences)}, {"from": "gpt", "value": rng.choice(sentences)}]}
+        for i in range(num_text)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
 def tiny_model(stage: int = 3):
     """The tiny CuMo for ``stage`` (MoE vision and connector in stage 3) at the tokenizer's vocab."""
     model = tiny(moe=stage == 3)
@@ -162,7 +181,8 @@ def train_in_process(runs: list[dict]) -> list[dict]:
     with ``"restart_from": {"dir", "iteration"}`` first gets, as its save directory, what a run
     killed right after saving that iteration would have left of ``dir`` (`left_after_save`). Returns
     per run the checkpoint it resumed from (or None), the iteration it reached, the modules its
-    ``train.load`` co-upcycled and this rank's trained weights (`model_shards`). A run with
+    ``train.load`` co-upcycled, this rank's trained weights (`model_shards`) and its validation
+    rows (`Trainer.validation_rows`). A run with
     ``"expect_error": True`` must fail in setup with a `ConfigError`: its entry is the error's
     ``{"error": class name, "message": text}``.
     """
@@ -190,7 +210,7 @@ def train_in_process(runs: list[dict]) -> list[dict]:
         trainer.train()
         done.append({"resumed_from": trainer.resume_from, "iteration": trainer.iteration,
                      "upcycled": trainer.load_report["upcycled"] if trainer.load_report else None,
-                     "shards": model_shards(trainer.model)})
+                     "shards": model_shards(trainer.model), "validation": trainer.validation_rows})
     return done
 
 
