@@ -15,6 +15,8 @@ from typing import Callable, Optional
 from cumo_megatron.evaluation.scoring.errors import NotScorable, ScoringInputError, UnknownBenchmark
 from cumo_megatron.evaluation.scoring.pope import score_pope
 from cumo_megatron.evaluation.scoring.scienceqa import score_scienceqa
+from cumo_megatron.evaluation.scoring.textvqa import score_textvqa
+from cumo_megatron.evaluation.scoring.vqav2 import score_vizwiz, score_vqav2
 
 # The prompt suffixes of LLaVA-1.5's evaluation question files (they are already in those files'
 # ``text``; a runner appends the suffix only to a question whose text lacks it).
@@ -57,6 +59,19 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "scienceqa", "SQA-IMG", score_scienceqa, True, OPTION_LETTER, "option", "accuracy_img",
             annotations="ScienceQA's problems.json (or its folder)",
+        ),
+        Benchmark(
+            "textvqa", "TextVQA", score_textvqa, True, SHORT_ANSWER, "short", "accuracy",
+            annotations="TextVQA's TextVQA_0.5.1_val.json",
+        ),
+        Benchmark(
+            "vqav2", "VQAv2", score_vqav2, True, SHORT_ANSWER, "short", "accuracy",
+            annotations="VQAv2 val annotations (v2_mscoco_val2014_annotations.json)",
+            server="the EvalAI VQAv2 server (test-dev)",
+        ),
+        Benchmark(
+            "vizwiz", "VizWiz", score_vizwiz, True, UNANSWERABLE + "\n" + SHORT_ANSWER, "short", "accuracy",
+            annotations="VizWiz's val.json", server="the EvalAI VizWiz-VQA server (test)",
         ),
         Benchmark(
             "mmvet", "MM-Vet", None, False, "", "open", "total",
