@@ -13,8 +13,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cumo_megatron.evaluation.scoring.errors import NotScorable, ScoringInputError, UnknownBenchmark
+from cumo_megatron.evaluation.scoring.gqa import score_gqa
+from cumo_megatron.evaluation.scoring.mmbench import score_mmbench
+from cumo_megatron.evaluation.scoring.mme import score_mme
 from cumo_megatron.evaluation.scoring.pope import score_pope
 from cumo_megatron.evaluation.scoring.scienceqa import score_scienceqa
+from cumo_megatron.evaluation.scoring.seed import score_seed
 from cumo_megatron.evaluation.scoring.textvqa import score_textvqa
 from cumo_megatron.evaluation.scoring.vqav2 import score_vizwiz, score_vqav2
 
@@ -72,6 +76,22 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "vizwiz", "VizWiz", score_vizwiz, True, UNANSWERABLE + "\n" + SHORT_ANSWER, "short", "accuracy",
             annotations="VizWiz's val.json", server="the EvalAI VizWiz-VQA server (test)",
+        ),
+        Benchmark(
+            "gqa", "GQA", score_gqa, True, SHORT_ANSWER, "short", "accuracy",
+            annotations="GQA's testdev_balanced_questions.json",
+        ),
+        Benchmark(
+            "mme", "MME", score_mme, True, SHORT_ANSWER, "yes_no", "perception",
+            annotations="MME's MME_Benchmark_release_version folder",
+        ),
+        Benchmark(
+            "mmbench", "MMBench", score_mmbench, False, OPTION_LETTER, "option", "accuracy",
+            annotations="nothing: the dev TSV holds the answers", server="the MMBench server (test split)",
+        ),
+        Benchmark(
+            "seed", "SEED", score_seed, True, OPTION_LETTER, "option", "accuracy_image",
+            annotations="SEED's SEED-Bench.json",
         ),
         Benchmark(
             "mmvet", "MM-Vet", None, False, "", "open", "total",
