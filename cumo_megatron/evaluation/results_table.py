@@ -17,24 +17,10 @@ from typing import Iterable, Mapping, Optional
 from cumo_megatron.evaluation.scoring.errors import ScoringInputError
 from cumo_megatron.evaluation.scoring.registry import BENCHMARKS
 
-# (benchmark, column title, headline metric), in the CuMo paper's column order.
-COLUMNS: tuple[tuple[str, str, str], ...] = tuple(
-    (name, BENCHMARKS[name].title, BENCHMARKS[name].headline) if name in BENCHMARKS else fallback
-    for name, fallback in (
-        ("scienceqa", None),
-        ("textvqa", None),
-        ("gqa", None),
-        ("pope", None),
-        ("mme", None),
-        ("mmbench", None),
-        ("seed", None),
-        ("mmvet", None),
-        ("vqav2", None),
-        ("vizwiz", None),
-        ("llava_wild", None),
-        ("mmmu", ("mmmu", "MMMU", "accuracy")),
-    )
-)
+# The CuMo paper's column order.
+ORDER = ("scienceqa", "textvqa", "gqa", "pope", "mme", "mmbench", "seed", "mmvet", "vqav2", "vizwiz", "llava_wild", "mmmu")
+# (benchmark, column title, headline metric) per column.
+COLUMNS: tuple[tuple[str, str, str], ...] = tuple((name, BENCHMARKS[name].title, BENCHMARKS[name].headline) for name in ORDER)
 MISSING = "-"
 
 
@@ -102,4 +88,4 @@ def write_results_table(runs: Mapping[str, Iterable[dict]], markdown_path: str |
     return rows
 
 
-__all__ = ["COLUMNS", "MISSING", "render_json", "render_markdown", "table_rows", "write_results_table"]
+__all__ = ["COLUMNS", "MISSING", "ORDER", "render_json", "render_markdown", "table_rows", "write_results_table"]

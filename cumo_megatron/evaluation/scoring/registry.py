@@ -16,6 +16,7 @@ from cumo_megatron.evaluation.scoring.errors import NotScorable, ScoringInputErr
 from cumo_megatron.evaluation.scoring.gqa import score_gqa
 from cumo_megatron.evaluation.scoring.mmbench import score_mmbench
 from cumo_megatron.evaluation.scoring.mme import score_mme
+from cumo_megatron.evaluation.scoring.mmmu import score_mmmu
 from cumo_megatron.evaluation.scoring.pope import score_pope
 from cumo_megatron.evaluation.scoring.scienceqa import score_scienceqa
 from cumo_megatron.evaluation.scoring.seed import score_seed
@@ -92,6 +93,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "seed", "SEED", score_seed, True, OPTION_LETTER, "option", "accuracy_image",
             annotations="SEED's SEED-Bench.json",
+        ),
+        Benchmark(
+            "mmmu", "MMMU", score_mmmu, True, OPTION_LETTER, "option", "accuracy",
+            annotations="MMMU's answer_dict_val.json",
         ),
         Benchmark(
             "mmvet", "MM-Vet", None, False, "", "open", "total",
