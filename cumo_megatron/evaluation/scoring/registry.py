@@ -133,8 +133,9 @@ def score_benchmark(
     if bench.needs_annotations and annotations is None:
         if bench.server:
             raise NotScorable(
-                f"{bench.title} without annotations is scored by {bench.server}; the answers `run` "
-                f"wrote are in {answers} (to score locally, pass {bench.annotations})"
+                f"{bench.title} without annotations is scored by {bench.server} "
+                f"(cumo_megatron.evaluation.scoring.submission writes its file); the answers `run` "
+                f"wrote are in {answers}; to score locally, pass {bench.annotations}"
             )
         raise ScoringInputError(f"{bench.title} needs annotations: pass {bench.annotations}")
     return bench.scorer(Path(questions), Path(answers), None if annotations is None else Path(annotations))
