@@ -9,7 +9,7 @@ import pytest
 
 from cumo_megatron.evaluation.scoring import score_benchmark
 from cumo_megatron.evaluation.scoring.gqa import gqa_prediction
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 
 def test_gqa_prediction_drops_trailing_periods_and_case():

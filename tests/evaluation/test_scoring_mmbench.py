@@ -8,7 +8,7 @@ import pytest
 
 from cumo_megatron.evaluation.scoring import NotScorable, score_benchmark
 from cumo_megatron.evaluation.scoring.mmbench import read_option
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]
 

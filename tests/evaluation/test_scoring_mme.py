@@ -6,7 +6,7 @@ import pytest
 
 from cumo_megatron.evaluation.scoring import score_benchmark
 from cumo_megatron.evaluation.scoring.mme import mme_reading
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 SHORT = "\nAnswer the question using a single word or phrase."
 
@@ -56,3 +56,14 @@ def test_mme_scores(tmp_path):
     assert result["metrics"]["perception"] == pytest.approx(125.0)
     assert result["metrics"]["cognition"] == pytest.approx(50.0)
     assert result["counts"]["missing"] == 1 and result["counts"]["other_answers"] == 2  # 'There is a bus' and the missing one
+
+
+def test_repeated_question_ids_need_prompts(tmp_path):
+    from cumo_megatron.evaluation.scoring import ScoringInputError
+
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": "count/1.jpg", "text": t} for t in ("Two? Please answer yes or no.", "Three? Please answer yes or no.")])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "count/1.jpg", "text": "Yes"}])
+    (tmp_path / "count").mkdir()
+    (tmp_path / "count" / "1.txt").write_text("Two? Please answer yes or no.\tYes\nThree? Please answer yes or no.\tNo\n")
+    with pytest.raises(ScoringInputError, match="answers without 'prompt'"):
+        score_benchmark("mme", questions, answers, tmp_path)

@@ -8,7 +8,7 @@ import pytest
 
 from cumo_megatron.evaluation.scoring import score_benchmark
 from cumo_megatron.evaluation.scoring.mmmu_parse import new_guesser, open_right, read_choice, read_open
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 OPTIONS = {"A": "cat", "B": "dog", "C": "bird"}
 

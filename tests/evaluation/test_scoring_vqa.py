@@ -11,7 +11,7 @@ from cumo_megatron.evaluation.scoring import NotScorable, score_benchmark
 from cumo_megatron.evaluation.scoring.textvqa import prompt_question
 from cumo_megatron.evaluation.scoring.vqa_accuracy import leave_one_out_accuracy, vqa_accuracy
 from cumo_megatron.evaluation.scoring.vqa_normalize import normalize_answer
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 
 @pytest.mark.parametrize(
