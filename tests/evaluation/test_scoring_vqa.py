@@ -158,3 +158,11 @@ def test_server_submission_files(tmp_path):
     assert counts["missing"] == 1
     write_vizwiz_submission(questions, answers, tmp_path / "vizwiz.json")
     assert json.loads((tmp_path / "vizwiz.json").read_text())[0] == {"image": "VizWiz_test_1.jpg", "answer": "2 dogs"}
+
+
+def test_mmvet_grader_file(tmp_path):
+    from cumo_megatron.evaluation.scoring.submission import write_mmvet_submission
+
+    answers = write_jsonl(tmp_path / "a.jsonl", [answer(3, "A red car, parked."), answer(1, "Two")])
+    assert write_mmvet_submission(answers, tmp_path / "mmvet.json") == 2
+    assert json.loads((tmp_path / "mmvet.json").read_text()) == {"v1_3": "A red car, parked.", "v1_1": "Two"}  # raw text

@@ -100,7 +100,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "mmvet", "MM-Vet", None, False, "", "open", "total",
-            judge="MM-Vet's GPT-4 grader (mm-vet_evaluator); convert the answers to its {\"v1_<id>\": text} JSON",
+            judge="MM-Vet's GPT-4 grader; scoring.submission.write_mmvet_submission writes its JSON",
         ),
         Benchmark(
             "llava_wild", "LLaVA-W", None, False, "", "open", "relative_score",

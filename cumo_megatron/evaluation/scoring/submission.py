@@ -4,6 +4,8 @@ each question's answer through EvalAI's processor, an empty answer for a missing
 
 * VQAv2 test-dev (EvalAI): a JSON list of ``{"question_id", "answer"}``.
 * VizWiz test (EvalAI): a JSON list of ``{"image", "answer"}``.
+* MM-Vet (its GPT-4 grader): a JSON object ``{"v1_<question_id>": answer text}``, as LLaVA's
+  ``convert_mmvet_for_eval.py`` writes it (raw text: the grader reads whole answers).
 """
 
 from __future__ import annotations
@@ -36,4 +38,11 @@ def write_vizwiz_submission(questions: str | Path, answers: str | Path, out: str
     return counts
 
 
-__all__ = ["write_vizwiz_submission", "write_vqav2_submission"]
+def write_mmvet_submission(answers: str | Path, out: str | Path) -> int:
+    """Write the MM-Vet grader's JSON for ``answers`` at ``out``; return how many answers it holds."""
+    graded = {f"v1_{a['question_id']}": str(a["text"]) for a in read_answers(answers).answers}
+    Path(out).write_text(json.dumps(graded, indent=2))
+    return len(graded)
+
+
+__all__ = ["write_mmvet_submission", "write_vizwiz_submission", "write_vqav2_submission"]
