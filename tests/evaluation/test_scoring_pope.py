@@ -6,7 +6,7 @@ import pytest
 
 from cumo_megatron.evaluation.scoring import ScoringInputError, score_benchmark
 from cumo_megatron.evaluation.scoring.pope import pope_says_no
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

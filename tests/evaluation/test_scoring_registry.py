@@ -30,3 +30,13 @@ def test_every_benchmark_says_its_headline_and_answer_kind():
     for bench in BENCHMARKS.values():
         assert bench.headline and bench.answer_kind in ("yes_no", "short", "option", "open")
         assert (bench.scorer is None) == bool(bench.judge)
+
+
+def test_scoring_imports_no_torch():
+    # answers are scored on machines without the training stack: the package must stay light
+    import subprocess
+    import sys
+
+    code = "import sys, cumo_megatron.evaluation.scoring, cumo_megatron.evaluation.results_table; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -8,7 +8,7 @@ import pytest
 
 from cumo_megatron.evaluation.scoring import score_benchmark
 from cumo_megatron.evaluation.scoring.scienceqa import extract_option
-from tests.evaluation.helpers import answer, write_jsonl
+from tests.evaluation.scoring_files import answer, write_jsonl
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,13 @@ One module per benchmark family, a registry, and one entry point::
     # {"benchmark": "pope", "metrics": {"f1": ..., ...}, "counts": {"questions": ..., ...}}
 
 A question without an answer is scored as wrong and counted in ``counts["missing"]`` (see
-``inputs``). Pure Python (and numpy); no torch.
+``inputs``). Pure Python; no torch.
+
+Modules: ``registry`` (``BENCHMARKS``, ``score_benchmark``), ``inputs`` (reading and pairing
+LLaVA files), one scorer per benchmark family (``pope``, ``mme``, ``scienceqa``, ``textvqa``,
+``vqav2`` for VQAv2 and VizWiz, ``gqa``, ``mmbench``, ``seed``, ``mmmu`` with ``mmmu_parse``),
+the VQA answer rules (``vqa_normalize``, ``vqa_accuracy``), ``submission`` (files for the
+evaluation servers) and ``errors``.
 """
 
 from cumo_megatron.evaluation.scoring.errors import NotScorable, ScoringInputError, UnknownBenchmark

@@ -152,7 +152,15 @@ def pair_answers(
     for number, question in enumerate(questions, 1):
         if id_field not in question:
             raise ScoringInputError(f"{source}, record {number}: no {id_field!r}; use the benchmark's LLaVA question file")
-    key = key or default_key(questions, id_field, text_field)
+    if key is None:
+        ids = [id_key(q[id_field]) for q in questions]
+        if len(set(ids)) < len(ids) and any("prompt" not in a for a in answer_file.answers):
+            raise ScoringInputError(
+                f"{source}: question ids repeat (as in LLaVA's MME and TextVQA files), so answers are matched "
+                f"by id and prompt, but {answer_file.path} has answers without 'prompt'; write each "
+                "question's text as its answer's prompt"
+            )
+        key = default_key(questions, id_field, text_field)
     wanted = {}
     for question in questions:
         wanted.setdefault(key(question, False), question)

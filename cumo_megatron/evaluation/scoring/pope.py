@@ -59,7 +59,7 @@ def _labels(files: dict[str, Path]) -> dict[tuple, str]:
             label = str(record.get("label", "")).strip().lower()
             if label not in ("yes", "no") or "image" not in record or "text" not in record:
                 raise ScoringInputError(f"{path}, record {number}: expected image, text and a yes/no label")
-            labels[(category, record["image"], _question_line(record["text"]))] = label
+            labels[(category, Path(str(record["image"])).name, _question_line(record["text"]))] = label
     return labels
 
 
@@ -94,7 +94,8 @@ def score_pope(questions: str | Path, answers: str | Path, annotations: str | Pa
     rows: dict[str, list] = {category: [] for category in files}
     for question, answer in pairing.pairs:
         category = question.get("category") or (next(iter(files)) if len(files) == 1 else None)
-        label = labels.get((category, question.get("image"), _question_line(question.get("text", ""))))
+        # by file name: a question file may keep the images under a folder (val2014/...)
+        label = labels.get((category, Path(str(question.get("image"))).name, _question_line(question.get("text", ""))))
         if label is None:
             raise ScoringInputError(
                 f"{questions}: question {question.get('question_id')!r} (category {category!r}, image "

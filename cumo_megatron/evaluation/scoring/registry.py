@@ -13,8 +13,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cumo_megatron.evaluation.scoring.errors import NotScorable, ScoringInputError, UnknownBenchmark
+from cumo_megatron.evaluation.scoring.gqa import score_gqa
+from cumo_megatron.evaluation.scoring.mmbench import score_mmbench
+from cumo_megatron.evaluation.scoring.mme import score_mme
+from cumo_megatron.evaluation.scoring.mmmu import score_mmmu
 from cumo_megatron.evaluation.scoring.pope import score_pope
 from cumo_megatron.evaluation.scoring.scienceqa import score_scienceqa
+from cumo_megatron.evaluation.scoring.seed import score_seed
+from cumo_megatron.evaluation.scoring.textvqa import score_textvqa
+from cumo_megatron.evaluation.scoring.vqav2 import score_vizwiz, score_vqav2
 
 # The prompt suffixes of LLaVA-1.5's evaluation question files (they are already in those files'
 # ``text``; a runner appends the suffix only to a question whose text lacks it).
@@ -59,8 +66,41 @@ BENCHMARKS: dict[str, Benchmark] = {
             annotations="ScienceQA's problems.json (or its folder)",
         ),
         Benchmark(
+            "textvqa", "TextVQA", score_textvqa, True, SHORT_ANSWER, "short", "accuracy",
+            annotations="TextVQA's TextVQA_0.5.1_val.json",
+        ),
+        Benchmark(
+            "vqav2", "VQAv2", score_vqav2, True, SHORT_ANSWER, "short", "accuracy",
+            annotations="VQAv2 val annotations (v2_mscoco_val2014_annotations.json)",
+            server="the EvalAI VQAv2 server (test-dev)",
+        ),
+        Benchmark(
+            "vizwiz", "VizWiz", score_vizwiz, True, UNANSWERABLE + "\n" + SHORT_ANSWER, "short", "accuracy",
+            annotations="VizWiz's val.json", server="the EvalAI VizWiz-VQA server (test)",
+        ),
+        Benchmark(
+            "gqa", "GQA", score_gqa, True, SHORT_ANSWER, "short", "accuracy",
+            annotations="GQA's testdev_balanced_questions.json",
+        ),
+        Benchmark(
+            "mme", "MME", score_mme, True, SHORT_ANSWER, "yes_no", "perception",
+            annotations="MME's MME_Benchmark_release_version folder",
+        ),
+        Benchmark(
+            "mmbench", "MMBench", score_mmbench, False, OPTION_LETTER, "option", "accuracy",
+            annotations="nothing: the dev TSV holds the answers", server="the MMBench server (test split)",
+        ),
+        Benchmark(
+            "seed", "SEED", score_seed, True, OPTION_LETTER, "option", "accuracy_image",
+            annotations="SEED's SEED-Bench.json",
+        ),
+        Benchmark(
+            "mmmu", "MMMU", score_mmmu, True, OPTION_LETTER, "option", "accuracy",
+            annotations="MMMU's answer_dict_val.json",
+        ),
+        Benchmark(
             "mmvet", "MM-Vet", None, False, "", "open", "total",
-            judge="MM-Vet's GPT-4 grader (mm-vet_evaluator); convert the answers to its {\"v1_<id>\": text} JSON",
+            judge="MM-Vet's GPT-4 grader; scoring.submission.write_mmvet_submission writes its JSON",
         ),
         Benchmark(
             "llava_wild", "LLaVA-W", None, False, "", "open", "relative_score",
@@ -93,8 +133,9 @@ def score_benchmark(
     if bench.needs_annotations and annotations is None:
         if bench.server:
             raise NotScorable(
-                f"{bench.title} without annotations is scored by {bench.server}; the answers `run` "
-                f"wrote are in {answers} (to score locally, pass {bench.annotations})"
+                f"{bench.title} without annotations is scored by {bench.server} "
+                f"(cumo_megatron.evaluation.scoring.submission writes its file); the answers `run` "
+                f"wrote are in {answers}; to score locally, pass {bench.annotations}"
             )
         raise ScoringInputError(f"{bench.title} needs annotations: pass {bench.annotations}")
     return bench.scorer(Path(questions), Path(answers), None if annotations is None else Path(annotations))

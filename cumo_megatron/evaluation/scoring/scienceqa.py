@@ -53,12 +53,14 @@ def score_scienceqa(questions: str | Path, answers: str | Path, annotations: str
     """ScienceQA accuracy over all questions and over image questions (percent)."""
     records = read_records(questions, "LLaVA's llava_test_CQM-A.json")
     problems = _problems(Path(annotations))
-    pairing = pair_answers(records, read_answers(answers), source=questions, id_field="id")
+    # LLaVA's file names the problem "id"; a question file converted to JSON lines may say "question_id"
+    id_field = "id" if all("id" in r for r in records) else "question_id"
+    pairing = pair_answers(records, read_answers(answers), source=questions, id_field=id_field)
     correct = total = img_correct = img_total = failed = 0
     for question, answer in pairing.pairs:
-        problem = problems.get(id_key(question["id"]))
+        problem = problems.get(id_key(question[id_field]))
         if problem is None or "answer" not in problem or "choices" not in problem:
-            raise ScoringInputError(f"{annotations}: no problem {question['id']!r} with choices and answer; pass ScienceQA's problems.json")
+            raise ScoringInputError(f"{annotations}: no problem {question[id_field]!r} with choices and answer; pass ScienceQA's problems.json")
         letter = extract_option(None if answer is None else str(answer["text"]))
         failed += letter == FAILED
         hit = letter in OPTIONS[: len(problem["choices"])] and OPTIONS.index(letter) == problem["answer"]
