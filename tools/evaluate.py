@@ -97,9 +97,11 @@ def _check_sizes(tp: int, pp: int) -> None:
 
 
 def _rank() -> int:
-    import torch
-
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
+    """This process's rank; `score` never imports torch, so it is asked only when already loaded."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _say(text: str) -> None:
