@@ -118,7 +118,8 @@ def _read_json_records(path: Path) -> list[tuple[int, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err}); fix the file or give the benchmark's LLaVA question file") from None
+            raise DataError(f"{path}: not valid JSON ({err}); fix the file or give the benchmark's "
+                            "LLaVA question file") from None
         return list(enumerate(data))
     records = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -195,7 +196,8 @@ def _read_mmbench(path: Path, suffix: Optional[str], all_rounds: bool) -> list[Q
         reader = csv.DictReader(handle, delimiter="\t")
         missing = {"index", "question", "image"} - set(reader.fieldnames or ())
         if missing:
-            raise DataError(f"{path}: no column(s) {sorted(missing)}; MMBench's TSV has index, question, hint, A-D, image")
+            raise DataError(f"{path}: no column(s) {sorted(missing)}; MMBench's TSV has index, question, "
+                            "hint, A-D, image")
         for number, row in enumerate(reader, 2):
             options = []
             for letter in OPTION_LETTERS:
