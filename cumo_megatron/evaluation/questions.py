@@ -15,7 +15,8 @@ three shapes, and its scripts build the asked text from them as follows; we do t
   question is asked once per option, the options rotated by one each round (CircularEval).
 
 A benchmark's instruction (``suffix``) is appended only when the text does not already end with
-it, so files that carry it are not changed.
+it, so files that carry it (all of LLaVA-1.5's question-line files) are asked as they are; the
+answer's ``prompt`` is always the file's text.
 """
 
 from __future__ import annotations
@@ -147,12 +148,14 @@ def _read_question_lines(path: Path, records, folder: Path, suffix: Optional[str
     for number, rec in records:
         where = f"line {number}"
         qid = _field(path, where, rec, "question_id", kind=None)
-        text = with_suffix(_field(path, where, rec, "text"), suffix)
+        original = _field(path, where, rec, "text")
         image = rec.get("image")
+        # The prompt stays the file's text, as LLaVA records it: scorers pair answers with questions
+        # by (question_id, prompt) where a file repeats ids (MME, TextVQA).
         questions.append(Question(
-            question_id=qid, text=text, prompt=text,
+            question_id=qid, text=with_suffix(original, suffix), prompt=original,
             image=folder / image if image else None,
-            options=_options_in(text), category=rec.get("category"),
+            options=_options_in(original), category=rec.get("category"),
         ))
     return questions
 

@@ -32,7 +32,7 @@ def test_question_lines_keep_their_text_and_suffix_once(tmp_path):
     assert [q.question_id for q in qs] == [1, "x"]
     assert qs[0].text == f"Is there a dog in the image?\n{SHORT}"  # already there: not added again
     assert qs[1].text == f"What is it?\n{SHORT}"
-    assert qs[1].prompt == qs[1].text  # model_vqa_loader records the asked text
+    assert qs[1].prompt == "What is it?"  # the file's text, as model_vqa_loader records it
     assert qs[0].image == tmp_path / "imgs" / "a.jpg" and qs[0].category == "random"
     assert load_questions(qfile)[0].image == tmp_path / "a.jpg"  # default folder: the file's
 
