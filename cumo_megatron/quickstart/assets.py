@@ -173,7 +173,7 @@ def make_shapes_dataset(out_dir, n_train: int = 1600, n_eval: int = 100, image_s
         extra = random.Random(seed + 1)
         for records in (stage2, stage3):
             for rec, (_, colour, shape) in zip(records, train):
-                rec["conversations"] += _benchmark_turns(colour, shape, extra)
+                rec["conversations"] = _insert_turns(rec["conversations"], _benchmark_turns(colour, shape, extra), extra)
     evaluation = []
     for i, (name, colour, shape) in enumerate(held_out):
         for kind in QUESTIONS:
@@ -227,6 +227,16 @@ def _benchmark_turns(colour: str, shape: str, rng: random.Random) -> list[dict]:
         return [_human(yes_no_question(yn_kind, value) + "\n" + short, False),
                 {"from": "gpt", "value": "Yes" if says_yes else "No"}]
     return [_human(choice_question(mc_kind, options) + "\n" + letter, False), {"from": "gpt", "value": answer}]
+
+
+def _insert_turns(turns: list[dict], pair: list[dict], rng: random.Random) -> list[dict]:
+    """``turns`` with the exchange ``pair`` at a random position (first included: the benchmarks ask
+    it as the first question), ``<image>`` kept in the first human turn."""
+    plain = [dict(t, value=t["value"].replace("<image>\n", "")) for t in turns]
+    at = 2 * rng.randint(0, len(turns) // 2)
+    out = plain[:at] + pair + plain[at:]
+    out[0] = _human(out[0]["value"], True)
+    return out
 
 
 def benchmark_splits(out_dir, held_out, seed: int = 0) -> dict:

@@ -222,10 +222,16 @@ def test_benchmark_turns_extend_the_conversations_only(built, tmp_path):
                                                 vocab_size=512))
     plain = json.loads(files["stage3.json"].read_text())
     extended = json.loads(with_turns["stage3.json"].read_text())
-    kinds = set()
+    kinds, places = set(), set()
     for a, b in zip(plain, extended):
-        assert b["image"] == a["image"] and b["conversations"][:4] == a["conversations"]
-        question, answer = b["conversations"][4]["value"], b["conversations"][5]["value"]
+        turns = b["conversations"]
+        assert b["image"] == a["image"] and turns[0]["value"].startswith("<image>\n")
+        at = next(i for i in range(0, 6, 2) if turns[i]["value"].replace("<image>\n", "") not in
+                  [t["value"].replace("<image>\n", "") for t in a["conversations"]])
+        places.add(at)
+        rest = [t["value"].replace("<image>\n", "") for t in turns[:at] + turns[at + 2:]]
+        assert rest == [t["value"].replace("<image>\n", "") for t in a["conversations"]]  # the original turns, in order
+        question, answer = turns[at]["value"].replace("<image>\n", ""), turns[at + 1]["value"]
         colour, shape = (a["conversations"][1 + 2 * (a["conversations"][0]["value"].endswith(q))]["value"]
                          for q in (assets.QUESTIONS["shape"], assets.QUESTIONS["colour"]))
         if question.startswith("Is there"):
@@ -235,7 +241,7 @@ def test_benchmark_turns_extend_the_conversations_only(built, tmp_path):
             kinds.add("choice")
             options = dict(line.split(". ", 1) for line in question.splitlines()[1:5])
             assert options[answer] in (colour, shape)
-    assert kinds == {"yes_no", "choice"}
+    assert kinds == {"yes_no", "choice"} and places == {0, 2, 4}
     assert (tmp_path / "data" / plain[0]["image"]).read_bytes() == (root / "data" / plain[0]["image"]).read_bytes()
     check = TokenizerCheck(tok, get_template("vicuna_v1"), 128, TOKENS_PER_IMAGE)
     report = validate_sources([DataSource(str(with_turns["stage3.json"]))], str(tmp_path / "data"), check)
