@@ -6,7 +6,11 @@ Everything is generated locally and seeded (no network, no downloaded weights):
   jitter in size, position, shade and background) and LLaVA JSON files: ``stage1_captions.json`` (``plain``
   captions ``"a red circle"``), ``stage2.json`` / ``stage3.json`` (vicuna_v1 conversations asking the
   colour and the shape, single-word answers) and ``eval.json`` (held-out images, one question each,
-  the expected answer as the gpt turn, plus ``"type"``: ``colour`` / ``shape``).
+  the expected answer as the gpt turn, plus ``"type"``: ``colour`` / ``shape``), and two benchmark
+  splits of the same held-out images in LLaVA's evaluation formats (`benchmark_splits`): a
+  POPE-style yes/no split and a ScienceQA-style multiple-choice split. With ``benchmark_turns``
+  the stage-2/3 conversations also ask one of those two kinds of question (the quickstart does; the
+  research tools keep the original two-question conversations).
 * `train_tokenizer`: a LLaMA-style sentencepiece BPE model (``<unk>``=0, ``<s>``=1, ``</s>``=2)
   trained on the dataset's text and the vicuna system prompt.
 * `make_tiny_models`: a tiny HF ``CLIPVisionModel`` (quick_gelu, + ``preprocessor_config.json``),
@@ -32,6 +36,9 @@ __all__ = [
     "TINY",
     "draw_shape",
     "make_shapes_dataset",
+    "benchmark_splits",
+    "yes_no_question",
+    "choice_question",
     "dataset_corpus",
     "train_tokenizer",
     "make_tiny_models",
@@ -50,6 +57,12 @@ QUESTIONS = {
     "colour": "What colour is the shape?",
     "shape": "What shape is it?",
 }
+# The benchmark-style questions, with LLaVA-1.5's instructions (the scorers' registry holds them).
+YES_NO = {
+    "colour": "Is there a {} shape in the image?",
+    "shape": "Is there a {} in the image?",
+}
+OPTION_LETTERS = ("A", "B", "C", "D")
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -109,12 +122,16 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
-def make_shapes_dataset(out_dir, n_train: int = 1600, n_eval: int = 100, image_size: int = 28, seed: int = 0) -> dict:
+def make_shapes_dataset(out_dir, n_train: int = 1600, n_eval: int = 100, image_size: int = 28, seed: int = 0,
+                        benchmark_turns: bool = False) -> dict:
     """Write the shapes dataset under ``out_dir``; returns ``{name: path}`` of the JSON files.
 
     ``out_dir/images/{train,eval}_NNNNN.png``; classes are balanced (cycled) and shuffled, train and
     eval images come from disjoint random draws. ``eval.json`` has ``2 * n_eval`` records (both
     question types per held-out image). Image paths in the JSON files are relative to ``out_dir``.
+    The benchmark splits of the held-out images (`benchmark_splits`) are written too; with
+    ``benchmark_turns`` each stage-2/3 conversation also asks a yes/no or a multiple-choice
+    question (one of the two, at random). Both draw from their own generators, so images and the original turns do not change.
     """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -152,6 +169,11 @@ def make_shapes_dataset(out_dir, n_train: int = 1600, n_eval: int = 100, image_s
 
     stage2 = [chat(i, *item) for i, item in enumerate(train)]
     stage3 = [chat(i, *item) for i, item in enumerate(train)]
+    if benchmark_turns:
+        extra = random.Random(seed + 1)
+        for records in (stage2, stage3):
+            for rec, (_, colour, shape) in zip(records, train):
+                rec["conversations"] = _insert_turns(rec["conversations"], _benchmark_turns(colour, shape, extra), extra)
     evaluation = []
     for i, (name, colour, shape) in enumerate(held_out):
         for kind in QUESTIONS:
@@ -165,17 +187,125 @@ def make_shapes_dataset(out_dir, n_train: int = 1600, n_eval: int = 100, image_s
                            ("stage3.json", stage3), ("eval.json", evaluation)):
         _write_json(out / fname, records)
         files[fname] = out / fname
+    files.update(benchmark_splits(out, held_out, seed))
     return files
 
 
-def dataset_corpus(repeat: int = 20) -> list[str]:
-    """Every text the templates produce from the dataset (for tokenizer training), ``repeat`` times."""
+def _suffixes() -> tuple[str, str]:
+    """LLaVA-1.5's short-answer and option-letter instructions, from the scorers' registry."""
+    from cumo_megatron.evaluation.scoring.registry import OPTION_LETTER, SHORT_ANSWER
+
+    return SHORT_ANSWER, OPTION_LETTER
+
+
+def yes_no_question(kind: str, value: str) -> str:
+    """The POPE-style question whether the image holds a shape of colour / kind ``value`` (no instruction)."""
+    return YES_NO[kind].format(value)
+
+
+def choice_question(kind: str, options) -> str:
+    """The multiple-choice question about ``kind`` with lettered ``options`` (ScienceQA's layout, no instruction)."""
+    return QUESTIONS[kind] + "".join(f"\n{letter}. {option}" for letter, option in zip(OPTION_LETTERS, options))
+
+
+def _values(kind: str) -> list[str]:
+    return list(COLOURS) if kind == "colour" else list(SHAPES)
+
+
+def _benchmark_turns(colour: str, shape: str, rng: random.Random) -> list[dict]:
+    """A yes/no or a multiple-choice exchange about a training image (asked after the image turn)."""
+    short, letter = _suffixes()
+    truth = {"colour": colour, "shape": shape}
+    yn_kind = rng.choice(list(YES_NO))
+    says_yes = rng.random() < 0.5
+    value = truth[yn_kind] if says_yes else rng.choice([v for v in _values(yn_kind) if v != truth[yn_kind]])
+    mc_kind = rng.choice(list(QUESTIONS))
+    options = _values(mc_kind)
+    rng.shuffle(options)
+    answer = OPTION_LETTERS[options.index(truth[mc_kind])]
+    if rng.random() < 0.5:  # one of the two per conversation: both would pass data.max_length (128)
+        return [_human(yes_no_question(yn_kind, value) + "\n" + short, False),
+                {"from": "gpt", "value": "Yes" if says_yes else "No"}]
+    return [_human(choice_question(mc_kind, options) + "\n" + letter, False), {"from": "gpt", "value": answer}]
+
+
+def _insert_turns(turns: list[dict], pair: list[dict], rng: random.Random) -> list[dict]:
+    """``turns`` with the exchange ``pair`` at a random position (first included: the benchmarks ask
+    it as the first question), ``<image>`` kept in the first human turn."""
+    plain = [dict(t, value=t["value"].replace("<image>\n", "")) for t in turns]
+    at = 2 * rng.randint(0, len(turns) // 2)
+    out = plain[:at] + pair + plain[at:]
+    out[0] = _human(out[0]["value"], True)
+    return out
+
+
+def benchmark_splits(out_dir, held_out, seed: int = 0) -> dict:
+    """The held-out images as two benchmarks in LLaVA's evaluation formats, under ``out_dir``.
+
+    ``held_out``: ``(image, colour, shape)`` triples. Written:
+
+    * ``pope/llava_pope_test.jsonl``: per image and per category (``colour``, ``shape``) one
+      question whose answer is yes and one whose is no ("Is there a red shape in the image?"),
+      LLaVA's short-answer instruction appended; ``pope/coco_pope_<category>.json``: POPE's
+      annotation lines ``{question_id, image, text, label}``.
+    * ``mc/llava_test_CQM-A.json``: per image a colour and a shape question with the four options
+      in a shuffled order (LLaVA's ScienceQA conversations); ``mc/problems.json``: ScienceQA's
+      problems (``choices``, ``answer`` index, ``image``, ``split``).
+
+    Image paths are relative to ``out_dir``. Returns ``{name: path}``.
+    """
+    out = Path(out_dir)
+    rng = random.Random(seed + 2)
+    short, _ = _suffixes()
+    pope, labels, conversations, problems = [], {kind: [] for kind in YES_NO}, [], {}
+    for i, (image, colour, shape) in enumerate(held_out):
+        truth = {"colour": colour, "shape": shape}
+        for kind in YES_NO:
+            other = rng.choice([v for v in _values(kind) if v != truth[kind]])
+            pairs = [(truth[kind], "yes"), (other, "no")]
+            rng.shuffle(pairs)
+            for value, label in pairs:
+                qid = len(pope)
+                text = yes_no_question(kind, value)
+                pope.append({"question_id": qid, "image": image, "text": text + "\n" + short, "category": kind})
+                labels[kind].append({"question_id": qid, "image": image, "text": text, "label": label})
+        for kind in QUESTIONS:
+            options = _values(kind)
+            rng.shuffle(options)
+            pid = f"{i}_{kind}"
+            answer = options.index(truth[kind])
+            conversations.append({"id": pid, "image": image, "conversations": [
+                _human(choice_question(kind, options), True), {"from": "gpt", "value": OPTION_LETTERS[answer]}]})
+            problems[pid] = {"question": QUESTIONS[kind], "choices": options, "answer": answer, "image": image,
+                             "split": "test", "hint": ""}
+    (out / "pope").mkdir(parents=True, exist_ok=True)
+    (out / "mc").mkdir(parents=True, exist_ok=True)
+    files = {"pope/llava_pope_test.jsonl": out / "pope" / "llava_pope_test.jsonl"}
+    files["pope/llava_pope_test.jsonl"].write_text("".join(json.dumps(q) + "\n" for q in pope))
+    for kind, rows in labels.items():
+        path = out / "pope" / f"coco_pope_{kind}.json"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[f"pope/coco_pope_{kind}.json"] = path
+    for name, obj in (("mc/llava_test_CQM-A.json", conversations), ("mc/problems.json", problems)):
+        _write_json(out / name, obj)
+        files[name] = out / name
+    return files
+
+
+def dataset_corpus(repeat: int = 20, benchmark_turns: bool = False) -> list[str]:
+    """Every text the templates produce from the dataset (for tokenizer training), ``repeat`` times;
+    with ``benchmark_turns`` the yes/no and multiple-choice questions' texts too."""
     from cumo_megatron.data.templates import SYSTEM_PROMPT
 
     lines = [SYSTEM_PROMPT, "USER: ASSISTANT:", "Describe the image."]
     lines += list(QUESTIONS.values())
     lines += [f"a {c} {s}" for c in COLOURS for s in SHAPES]
     lines += [f"ASSISTANT: {c} USER: {q} ASSISTANT: {s}" for c in COLOURS for s in SHAPES for q in QUESTIONS.values()]
+    if benchmark_turns:
+        short, letter = _suffixes()
+        lines += [short, letter, "ASSISTANT: Yes", "ASSISTANT: No"] + [f"ASSISTANT: {x}" for x in OPTION_LETTERS]
+        lines += [yes_no_question(kind, v) for kind in YES_NO for v in _values(kind)]
+        lines += [choice_question(kind, _values(kind)) for kind in QUESTIONS]
     return lines * repeat
 
 

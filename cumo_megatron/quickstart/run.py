@@ -10,7 +10,11 @@ Steps (each prints one progress line and its wall time; outputs under ``OUT``):
    (4 experts, top-2) -> ``OUT/ckpt/stage3-init``;
 5. ``stage3``: the MoE stage;
 6. ``generate``: ``python -m cumo_megatron.generate --batch OUT/data/eval.json`` -> ``OUT/answers.jsonl``;
-7. ``evaluate``: ``OUT/eval.json`` (exact-match accuracy, chance level) and ``OUT/expert_load.png``.
+7. ``evaluate``: ``OUT/eval.json`` (exact-match accuracy, chance level) and ``OUT/expert_load.png``;
+8. ``benchmarks`` (assets with benchmark turns, as the quickstart builds them): ``tools/evaluate.py
+   suite`` on the held-out images' POPE-style yes/no split and
+   ScienceQA-style multiple-choice split (``OUT/eval_suite.yaml``) -> ``OUT/benchmarks/results.md``
+   and ``results.json`` (the CuMo paper's table layout), printed.
 
 A step whose output already exists is skipped, so an interrupted quickstart continues where it
 stopped (``--fresh`` starts over).
@@ -51,8 +55,10 @@ def run_step(name: str, cmd: list[str], log_path: Path) -> None:
         raise RuntimeError(f"step {name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
 
 
-def build_assets(out: Path, n_train: int, n_eval: int, seed: int) -> dict:
-    """Dataset, tokenizer and tiny HF models under ``out``; returns paths and the vocabulary size."""
+def build_assets(out: Path, n_train: int, n_eval: int, seed: int, benchmark_turns: bool = False) -> dict:
+    """Dataset, tokenizer and tiny HF models under ``out``; returns paths and the vocabulary size.
+    ``benchmark_turns``: the training conversations also ask yes/no and multiple-choice questions
+    (the quickstart's own run; the research tools call this without)."""
     from cumo_megatron.data.records import DataSource
     from cumo_megatron.data.templates import get_template
     from cumo_megatron.data.tokenizer import load_tokenizer
@@ -60,12 +66,15 @@ def build_assets(out: Path, n_train: int, n_eval: int, seed: int) -> dict:
     from cumo_megatron.quickstart import assets
 
     data = out / "data"
-    files = assets.make_shapes_dataset(data, n_train, n_eval, assets.TINY["image_size"], seed)
-    tok_path = assets.train_tokenizer(out / "tokenizer", assets.dataset_corpus(), vocab_size=512)
+    files = assets.make_shapes_dataset(data, n_train, n_eval, assets.TINY["image_size"], seed,
+                                       benchmark_turns=benchmark_turns)
+    tok_path = assets.train_tokenizer(out / "tokenizer", assets.dataset_corpus(benchmark_turns=benchmark_turns),
+                                      vocab_size=512)
     tokenizer = load_tokenizer(tok_path)
     tokens_per_image = (assets.TINY["image_size"] // assets.TINY["patch_size"]) ** 2
     for fname, template in (("stage1_captions.json", "plain"), ("stage2.json", "vicuna_v1"),
-                            ("stage3.json", "vicuna_v1"), ("eval.json", "vicuna_v1")):
+                            ("stage3.json", "vicuna_v1"), ("eval.json", "vicuna_v1"),
+                            ("mc/llava_test_CQM-A.json", "vicuna_v1")):
         check = TokenizerCheck(tokenizer, get_template(template), 128, tokens_per_image)
         report = validate_sources([DataSource(str(files[fname]))], str(data), check)
         if not report.ok:
@@ -73,7 +82,8 @@ def build_assets(out: Path, n_train: int, n_eval: int, seed: int) -> dict:
     models = assets.make_tiny_models(out / "hf", tokenizer.vocab_size, seed, dataset_dir=data)
     _step("assets", f"tiny CLIP pre-trained on the training images: accuracy {models['clip_pretrain_accuracy']:.2f}")
     info = {"data": str(data), "tokenizer": str(tok_path), "vocab_size": tokenizer.vocab_size,
-            "clip": str(models["clip"]), "llm": str(models["llm"]), "files": {k: str(v) for k, v in files.items()}}
+            "clip": str(models["clip"]), "llm": str(models["llm"]), "files": {k: str(v) for k, v in files.items()},
+            "benchmark_turns": benchmark_turns}
     (out / "assets.json").write_text(json.dumps(info, indent=1) + "\n")
     return info
 
@@ -139,7 +149,7 @@ def run(out: Path, n_train: int = 1600, n_eval: int = 100, seed: int = 0, fresh:
     info: dict = {}
 
     def assets_step():
-        info.update(build_assets(out, n_train, n_eval, seed))
+        info.update(build_assets(out, n_train, n_eval, seed, benchmark_turns=True))
 
     timed_step("assets", "dataset, tokenizer, tiny CLIP + LLaMA", info_path.exists(), assets_step)
     info.update(json.loads(info_path.read_text()))
@@ -178,10 +188,49 @@ def run(out: Path, n_train: int = 1600, n_eval: int = 100, seed: int = 0, fresh:
     summary["step_times_s"] = dict(STEP_TIMES)
     plot = plot_expert_load(s3 / "metrics.jsonl", out / "expert_load.png")
     summary["expert_load_plot"] = str(plot) if plot else None
-    (out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
     _step("evaluate", f"accuracy {summary['accuracy']:.3f} on {summary['n']} held-out questions "
-          f"(chance {summary['chance']:.3f}); per type {summary['per_type']}; wrote {out / 'eval.json'}")
+          f"(chance {summary['chance']:.3f}); per type {summary['per_type']}")
+    (out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")  # again below, with the table
+    if not info.get("benchmark_turns"):
+        # Assets built without the benchmark turns (the research tools' runs through this function)
+        # never saw the benchmark questions: their scores would say nothing, so they are not run.
+        return summary
+
+    results = out / "benchmarks" / "results.md"
+    timed_step("benchmarks", "tools/evaluate.py suite: POPE-style yes/no + multiple-choice splits",
+               results.exists(), lambda: run_step(
+                   "benchmarks", [sys.executable, str(REPO / "tools" / "evaluate.py"), "suite", "--config",
+                                  str(write_suite(out, info, _trained_checkpoint(s3)))],
+                   out / "logs" / "benchmarks.log"))
+    summary["wall_time_s"] = round(time.time() - start, 1)
+    summary["step_times_s"] = dict(STEP_TIMES)
+    summary["benchmarks"] = json.loads(results.with_suffix(".json").read_text())
+    (out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+    _step("benchmarks", f"{results} (and .json); wrote {out / 'eval.json'}\n" + results.read_text())
     return summary
+
+
+def write_suite(out: Path, info: dict, checkpoint: Path) -> Path:
+    """``out/eval_suite.yaml``: the trained model and the held-out benchmark splits (`assets.benchmark_splits`)."""
+    import yaml
+
+    data = Path(info["data"])
+    suite = {
+        "model": {"load": str(checkpoint), "tokenizer": info["tokenizer"], "template": "vicuna_v1",
+                  "name": "quickstart (stage 3)"},
+        "out": str(out / "benchmarks"),
+        # Answers are one word or one letter: 4 new tokens hold the answer and its end.
+        "generation": {"batch_size": 8, "max_new_tokens": 4},
+        "benchmarks": [
+            {"name": "scienceqa", "questions": str(data / "mc" / "llava_test_CQM-A.json"), "images": str(data),
+             "annotations": str(data / "mc" / "problems.json")},
+            {"name": "pope", "questions": str(data / "pope" / "llava_pope_test.jsonl"), "images": str(data),
+             "annotations": str(data / "pope")},
+        ],
+    }
+    path = out / "eval_suite.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -32,8 +32,10 @@ def test_dataset_files_are_valid_and_tokenize(built):
         check = TokenizerCheck(tokenizer, get_template(template), 128, TOKENS_PER_IMAGE)
         report = validate_sources([DataSource(str(files[name]))], str(root / "data"), check)
         assert report.ok, report.format()
-    counts = {name: len(json.loads(files[name].read_text())) for name in files}
-    assert counts == {"stage1_captions.json": 32, "stage2.json": 32, "stage3.json": 32, "eval.json": 16}
+    counts = {name: len(json.loads(files[name].read_text())) for name in
+              ("stage1_captions.json", "stage2.json", "stage3.json", "eval.json", "mc/llava_test_CQM-A.json")}
+    assert counts == {"stage1_captions.json": 32, "stage2.json": 32, "stage3.json": 32, "eval.json": 16,
+                      "mc/llava_test_CQM-A.json": 16}
 
 
 def test_answers_are_supervised_single_tokens(built):
@@ -153,3 +155,107 @@ def test_vision_pretraining_changes_the_tower(built):
     assert 0.0 <= accuracy <= 1.0
     assert not torch.equal(before, clip.embeddings.patch_embedding.weight)
     assert not clip.training
+
+
+def _truth(files) -> dict:
+    """Each held-out image's colour and shape, read from eval.json's answers."""
+    truth: dict = {}
+    for r in json.loads(files["eval.json"].read_text()):
+        truth.setdefault(r["image"], {})[r["type"]] = r["conversations"][1]["value"]
+    return truth
+
+
+def test_pope_split_is_balanced_and_labelled_from_the_images(built):
+    from cumo_megatron.evaluation.questions import load_questions
+    from cumo_megatron.evaluation.scoring.registry import SHORT_ANSWER
+
+    root, files, _ = built
+    truth = _truth(files)
+    questions = [json.loads(line) for line in files["pope/llava_pope_test.jsonl"].read_text().splitlines()]
+    assert len(questions) == 8 * 4 and len({q["question_id"] for q in questions}) == 32
+    labels = {}
+    for kind in ("colour", "shape"):
+        for line in files[f"pope/coco_pope_{kind}.json"].read_text().splitlines():
+            rec = json.loads(line)
+            labels[rec["question_id"]] = (kind, rec)
+    for q in questions:
+        kind, rec = labels[q["question_id"]]
+        assert q["category"] == kind and rec["image"] == q["image"] and q["text"] == rec["text"] + "\n" + SHORT_ANSWER
+        value = truth[q["image"]][kind]
+        present = (f"a {value} shape" if kind == "colour" else f"a {value} in") in rec["text"]
+        assert rec["label"] == ("yes" if present else "no"), rec
+    per_image = {}
+    for kind, rec in labels.values():
+        per_image.setdefault((rec["image"], kind), []).append(rec["label"])
+    assert all(sorted(v) == ["no", "yes"] for v in per_image.values())
+    asked = load_questions(files["pope/llava_pope_test.jsonl"], root / "data", suffix=SHORT_ANSWER)
+    assert all(q.image.is_file() for q in asked) and asked[0].text == questions[0]["text"]
+
+
+def test_multiple_choice_split_answers_point_at_the_truth(built):
+    from cumo_megatron.evaluation.questions import load_questions
+    from cumo_megatron.evaluation.scoring.registry import OPTION_LETTER
+
+    root, files, _ = built
+    truth = _truth(files)
+    problems = json.loads(files["mc/problems.json"].read_text())
+    records = json.loads(files["mc/llava_test_CQM-A.json"].read_text())
+    letters = []
+    for rec in records:
+        problem = problems[rec["id"]]
+        kind = rec["id"].split("_")[1]
+        values = assets.COLOURS if kind == "colour" else assets.SHAPES
+        assert sorted(problem["choices"]) == sorted(values)
+        assert problem["choices"][problem["answer"]] == truth[rec["image"]][kind]
+        assert rec["conversations"][1]["value"] == "ABCD"[problem["answer"]]
+        letters.append(problem["answer"])
+    assert len(set(letters)) > 1  # shuffled options: the answer is not always the same letter
+    asked = load_questions(files["mc/llava_test_CQM-A.json"], root / "data", suffix=OPTION_LETTER)
+    assert asked[0].text.endswith("\nD. " + problems[records[0]["id"]]["choices"][3] + "\n" + OPTION_LETTER)
+
+
+def test_benchmark_turns_extend_the_conversations_only(built, tmp_path):
+    root, files, _ = built
+    with_turns = assets.make_shapes_dataset(tmp_path / "data", n_train=32, n_eval=8, image_size=28, seed=0,
+                                            benchmark_turns=True)
+    tok = load_tokenizer(assets.train_tokenizer(tmp_path / "tok", assets.dataset_corpus(benchmark_turns=True),
+                                                vocab_size=512))
+    plain = json.loads(files["stage3.json"].read_text())
+    extended = json.loads(with_turns["stage3.json"].read_text())
+    kinds, places = set(), set()
+    for a, b in zip(plain, extended):
+        turns = b["conversations"]
+        assert b["image"] == a["image"] and turns[0]["value"].startswith("<image>\n")
+        at = next(i for i in range(0, 6, 2) if turns[i]["value"].replace("<image>\n", "") not in
+                  [t["value"].replace("<image>\n", "") for t in a["conversations"]])
+        places.add(at)
+        rest = [t["value"].replace("<image>\n", "") for t in turns[:at] + turns[at + 2:]]
+        assert rest == [t["value"].replace("<image>\n", "") for t in a["conversations"]]  # the original turns, in order
+        question, answer = turns[at]["value"].replace("<image>\n", ""), turns[at + 1]["value"]
+        colour, shape = (a["conversations"][1 + 2 * (a["conversations"][0]["value"].endswith(q))]["value"]
+                         for q in (assets.QUESTIONS["shape"], assets.QUESTIONS["colour"]))
+        if question.startswith("Is there"):
+            kinds.add("yes_no")
+            assert answer == ("Yes" if f"a {colour} shape" in question or f"a {shape} in" in question else "No")
+        else:
+            kinds.add("choice")
+            options = dict(line.split(". ", 1) for line in question.splitlines()[1:5])
+            assert options[answer] in (colour, shape)
+    assert kinds == {"yes_no", "choice"} and places == {0, 2, 4}
+    assert (tmp_path / "data" / plain[0]["image"]).read_bytes() == (root / "data" / plain[0]["image"]).read_bytes()
+    check = TokenizerCheck(tok, get_template("vicuna_v1"), 128, TOKENS_PER_IMAGE)
+    report = validate_sources([DataSource(str(with_turns["stage3.json"]))], str(tmp_path / "data"), check)
+    assert report.ok, report.format()  # within the quickstart's data.max_length
+
+
+def test_quickstart_suite_file_reads_back(built, tmp_path):
+    from cumo_megatron.evaluation.scoring import BENCHMARKS
+    from cumo_megatron.evaluation.suite import read_suite
+    from cumo_megatron.quickstart.run import write_suite
+
+    root, _, tok = built
+    info = {"data": str(root / "data"), "tokenizer": str(tok)}
+    suite = read_suite(write_suite(tmp_path, info, tmp_path / "ckpt" / "iter_0000001"), list(BENCHMARKS))
+    assert [b.name for b in suite.benchmarks] == ["scienceqa", "pope"]
+    assert all(b.questions.is_file() and b.annotations.exists() for b in suite.benchmarks)
+    assert suite.max_new_tokens == 4 and suite.out == tmp_path / "benchmarks"
