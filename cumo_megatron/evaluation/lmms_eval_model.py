@@ -267,6 +267,22 @@ except ImportError:  # lmms-eval is an optional extra (pip install -e ".[eval]")
 
 if _LmmsBase is not None:
 
+    def _as_response(pair: tuple[float, bool]):
+        """One loglikelihood response as lmms-eval's evaluator must receive it.
+
+        lmms-eval 0.7's evaluator passes every response, of every request type, through
+        ``unwrap_generation_output``, which turns anything but a string, a ``(str, meta)`` pair or
+        a ``GenerationResult`` into its ``str``: a ``(float, bool)`` reaches multiple_choice's
+        ``process_results`` as ``"(-3.2, False)"`` and fails ("too many values to unpack"). A
+        ``GenerationResult``'s ``text`` is handed on untouched, so the pair travels inside one and
+        the task gets the tuple the protocol promises. Older versions take the tuple itself.
+        """
+        try:
+            from lmms_eval.api.instance import GenerationResult
+        except ImportError:
+            return pair
+        return GenerationResult(text=pair)  # type: ignore[arg-type]  # see above: the tuple is the payload
+
     class CuMoMegatron(_LmmsBase):
         """lmms-eval's ``cumo_megatron`` model: unpacks lmms-eval requests for `CuMoEvaluator`."""
 
@@ -313,28 +329,41 @@ if _LmmsBase is not None:
             bar.close()
             return answers
 
-        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            """``(log p, is greedy)`` of ``(context, continuation or doc_to_target, doc_to_visual,
+        def loglikelihood(self, requests) -> list:
+            """``(score, is greedy)`` of ``(context, continuation or doc_to_target, doc_to_visual,
             doc_id, task, split)`` requests (and of the visual-less ``(context, continuation)``
-            pairs of ``acc_mutual_info``), ``batch_size`` at a time."""
+            pairs of ``acc_mutual_info``), ``batch_size`` at a time.
+
+            The score is the continuation's summed log-probability, as lmms-eval's API documents,
+            except for multiple_choice requests: lmms-eval 0.7 ranks choices with ``argmin``
+            (``api/task.py``: "we return the actual loss in many model loglikelihood"), so they get
+            the negative log-likelihood and ``acc``/``acc_norm`` pick the likeliest choice.
+            ``perplexity`` (``exp(-mean)``) needs the log-probability of "loglikelihood" tasks,
+            which pass ``doc_to_target`` itself. (``acc_mutual_info`` takes ``argmax`` of the same
+            multiple_choice scores, so lmms-eval cannot serve it and ``acc`` at once.)
+            """
             from tqdm import tqdm
 
-            results: list[tuple[float, bool]] = []
+            results = []
             size = self.evaluator.batch_size
             for start in tqdm(range(0, len(requests), size), desc=f"{MODEL_ID} loglikelihood", disable=self.rank != 0):
-                items = [self._scoring_item(r.args) for r in requests[start:start + size]]
-                results.extend(self.evaluator.loglikelihood(items))
+                chunk = [self._scoring_item(r.args) for r in requests[start:start + size]]
+                pairs = self.evaluator.loglikelihood([item for item, _ in chunk])
+                results.extend(_as_response((-logp if as_loss else logp, greedy))
+                               for (logp, greedy), (_, as_loss) in zip(pairs, chunk))
             return results
 
-        def _scoring_item(self, args) -> tuple[str, str, list]:
-            """``(context, continuation, PIL images)`` of one loglikelihood request."""
+        def _scoring_item(self, args) -> tuple[tuple[str, str, list], bool]:
+            """``(context, continuation, PIL images)`` of one loglikelihood request, and whether
+            its score goes out as a loss (a multiple_choice choice: a string continuation)."""
             ctx, target = args[0], args[1]
             if len(args) == 2:
-                return ctx, target, []
+                return (ctx, target, []), False
             _, _, visual, doc_id, task, split = args
+            as_loss = not callable(target)
             if callable(target):  # "loglikelihood" tasks pass doc_to_target itself
                 target = target(self.task_dict[task][split][doc_id])
-            return ctx, str(target), self._images(visual, doc_id, task, split)
+            return (ctx, str(target), self._images(visual, doc_id, task, split)), as_loss
 
         def generate_until_multi_round(self, requests) -> list[str]:
             """Not supported (as in lmms-eval's own LLaVA model): multi-round tasks need a chat history."""

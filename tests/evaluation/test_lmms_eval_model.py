@@ -245,20 +245,22 @@ def test_lmms_eval_finds_the_model_by_its_entry_point():
     assert get_model("cumo_megatron") is CuMoMegatron
 
 
-def test_lmms_eval_runs_local_tasks_offline(release, images, tmp_path):
+def test_lmms_eval_runs_local_tasks_offline(release, session, images, tmp_path):
     """``python -m lmms_eval --model cumo_megatron`` on a generate_until and a multiple_choice task
-    whose data the test writes, with the hub switched off: both complete with every document."""
+    whose data the test writes, with the hub switched off: both complete with every document, and
+    the logged choice log-probs are those of the adapter called here on the same docs."""
     pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e '.[eval]')")
-    paths, _ = images
+    paths, pil = images
     tasks = _write_tasks(tmp_path / "tasks", paths)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    # --verbosity DEBUG: at other levels lmms-eval 0.7 logs a failed run's error and exits 0.
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "cumo_megatron", "--model_args", f"load={release}",
            "--tasks", "cumo_tiny_answers,cumo_tiny_choices", "--include_path", str(tasks), "--batch_size", "2",
-           "--output_path", str(out), "--log_samples"]
+           "--output_path", str(out), "--log_samples", "--verbosity", "DEBUG"]
     began = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     print(f"lmms-eval run: {time.perf_counter() - began:.1f} s")
@@ -266,13 +268,25 @@ def test_lmms_eval_runs_local_tasks_offline(release, images, tmp_path):
     results = sorted(out.rglob("*_results.json"))
     assert len(results) == 1, (list(out.rglob("*")), proc.stdout[-2000:])
     summary = json.loads(results[0].read_text())
+    logged = {}
     for task, metric in (("cumo_tiny_answers", "match,none"), ("cumo_tiny_choices", "acc,none")):
         assert summary["n-samples"][task]["effective"] == N_DOCS
         assert 0.0 <= summary["results"][task][metric] <= 1.0
         samples = sorted(out.rglob(f"*_samples_{task}.jsonl"))
         assert len(samples) == 1
-        lines = [json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()]
-        assert len(lines) == N_DOCS
-    # Each multiple-choice doc got one (log p, is greedy) per choice, log p < 0.
-    for line in lines:
-        assert len(line["resps"]) == 3 and all(float(r[0][0]) < 0 for r in line["resps"])
+        logged[task] = sorted((json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()),
+                              key=lambda row: row["doc_id"])
+        assert [row["doc_id"] for row in logged[task]] == list(range(N_DOCS))
+    assert all(isinstance(row["filtered_resps"], str) for row in logged["cumo_tiny_answers"])
+    # One (-log p, is greedy) per choice (lmms-eval ranks choices by argmin), as the adapter
+    # computes them for the doc's context and image; acc scores the likeliest choice.
+    evaluator = CuMoEvaluator(session)
+    shapes = ["circle", "square", "triangle"]
+    for row in logged["cumo_tiny_choices"]:
+        i = row["doc_id"]
+        expected = evaluator.loglikelihood([(f"What shape is number {i}?", " " + s, [pil[i % len(pil)]]) for s in shapes])
+        assert len(row["filtered_resps"]) == len(shapes)
+        for (loss, greedy), (ref_logp, ref_greedy) in zip(row["filtered_resps"], expected):
+            assert abs(float(loss) + ref_logp) <= LOGP_ATOL and (greedy == "True") == ref_greedy
+        likeliest = max(range(len(shapes)), key=lambda k: expected[k][0])
+        assert row["acc"] == float(likeliest == i % 3)
