@@ -33,5 +33,12 @@ setup(
         "test": ["pytest", "open_clip_torch", "torchvision"],
         # GPU-only: fused kernels and FP8. Never required on CPU.
         "gpu": ["transformer-engine[pytorch]"],
+        # lmms-eval and its ~100 dependencies, for `lmms-eval --model cumo_megatron` (never imported by
+        # the core; CI does not install it).
+        "eval": ["lmms-eval"],
+    },
+    # lmms-eval finds model classes through this entry-point group (lmms_eval.models.registry_v2).
+    entry_points={
+        "lmms_eval.models": ["cumo_megatron = cumo_megatron.evaluation.lmms_eval_model:manifest"],
     },
 )
