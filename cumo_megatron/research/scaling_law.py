@@ -14,13 +14,17 @@ Exponents (alpha, beta) are free, as in Hoffmann et al.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+import scipy
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
@@ -109,6 +113,37 @@ def _log_saturation(b: float, beta: float, epsilon: float) -> float:
     return min(max(value, -_LOG_CLIP), _LOG_CLIP)
 
 
+@functools.lru_cache(maxsize=None)
+def _scipy_openblas() -> Optional[ctypes.CDLL]:
+    """scipy's bundled OpenBLAS (the one L-BFGS-B calls), or None for a scipy built otherwise."""
+    folder = Path(scipy.__file__).resolve().parent.parent / "scipy.libs"
+    for path in sorted(folder.glob("libscipy_openblas*.so*")):
+        lib = ctypes.CDLL(str(path))  # already loaded by scipy: the same handle
+        if hasattr(lib, "scipy_openblas_set_num_threads") and hasattr(lib, "scipy_openblas_get_num_threads"):
+            return lib
+    return None
+
+
+@contextmanager
+def _one_blas_thread():
+    """Run the block with scipy's OpenBLAS on one thread, then restore its count.
+
+    L-BFGS-B calls BLAS on 3-5 numbers per step, where threads only add hand-offs: on a busy
+    machine they made a whole fit 5x slower. threadpoolctl does this generally but is not a
+    dependency; with another BLAS this does nothing (set OPENBLAS_NUM_THREADS=1 there).
+    """
+    lib = _scipy_openblas()
+    if lib is None:
+        yield
+        return
+    before = lib.scipy_openblas_get_num_threads()
+    lib.scipy_openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.scipy_openblas_set_num_threads(before)
+
+
 def _terms(theta: np.ndarray, coords: np.ndarray) -> np.ndarray:
     """The log of each additive term, [1 + k, ..., n]: ``e`` and, per axis j, ``c_j - p_j * coord_j``.
 
@@ -181,10 +216,11 @@ class _Problem:
         that cannot progress ends the run where it stands, which near the Huber kink is the optimum
         to within delta.
         """
-        result = minimize(
-            self.objective, start, args=(weights,), jac=True, method="L-BFGS-B",
-            options={"maxiter": max_iter, "ftol": tolerance, "gtol": 1e-10, "maxcor": 10},
-        )
+        with _one_blas_thread():
+            result = minimize(
+                self.objective, start, args=(weights,), jac=True, method="L-BFGS-B",
+                options={"maxiter": max_iter, "ftol": tolerance, "gtol": 1e-10, "maxcor": 10},
+            )
         theta, value = np.asarray(result.x, dtype=np.float64), float(result.fun)
         if not (math.isfinite(value) and np.all(np.isfinite(theta))):
             return theta, math.inf
