@@ -8,8 +8,16 @@ Two forms, fitted the way Hoffmann et al. (2022, "Chinchilla", approach 3) fit t
 The objective is ``sum Huber_delta(log L_pred - log L_obs)`` (delta ~1e-3: nearly an L1 fit in log
 space, so one bad cell cannot drag the curve), minimised by scipy's L-BFGS-B (analytic gradient,
 float64) from the best points of a grid of starts. Positive parameters are optimised through their logs and the prediction is a
-log-sum-exp of the terms, so the search is unconstrained and never takes the log of a negative.
-Exponents (alpha, beta) are free, as in Hoffmann et al.
+log-sum-exp of the terms, so the search is unconstrained, E stays >= 0 and nothing takes the log of
+a negative. Exponents (alpha, beta) are free, as in Hoffmann et al.
+
+Why ``scipy.optimize.minimize(method="L-BFGS-B")`` with the gradient written out, rather than
+``least_squares(loss="huber")``: the objective is the same (``least_squares`` minimises delta times
+this sum), but a bootstrap draw is a weight per point here, and a weighted Huber sum is not a
+robust least-squares problem (``huber(sqrt(w) r) != w huber(r)``), so ``least_squares`` would need
+the duplicated rows; it also cost more per evaluation in a trial on these fits (SVD of the Jacobian
+each step, plus the robust-loss rescaling) for as many evaluations. L-BFGS-B on the Huber sum is
+also what Hoffmann et al. and later replications run.
 """
 
 from __future__ import annotations
