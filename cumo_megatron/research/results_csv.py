@@ -1,8 +1,11 @@
 """The scaling sweep's ``results.csv``: one row per (vision, llm, data size) cell.
 
 Written by ``tools/scaling_sweep.py`` (a row appended as each cell finishes, so a crashed sweep
-keeps what it did) and read by ``tools/fit_scaling_law.py``. Columns, in order: `COLUMNS`.
+keeps what it did) and read back by it (`read_rows`). Columns, in order: `COLUMNS`.
 ``compute_flops`` is ``2 * N_vit * D_img + 6 * N_llm * (D_img + D_txt)`` (`compute_flops`).
+
+``tools/fit_scaling_law.py`` reads any results table through `read_fit_rows`: the sweep's, or a
+published one with fewer columns and more (a data set column, no compute or wall time).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 from cumo_megatron.files import write_text_atomic
 
@@ -117,4 +120,99 @@ def write_rows(path: PathLike, rows: list[SweepRow]) -> None:
     write_text_atomic(path, text.getvalue())
 
 
-__all__ = ["SweepRow", "COLUMNS", "compute_flops", "read_rows", "append_row", "write_rows"]
+# The fitter's columns: the four it cannot do without, and the sizes it reads when present
+# (``vision_params`` for the joint fit, ``llm_params`` to order the LLMs).
+FIT_REQUIRED = ("vision", "llm", "data_size", "final_eval_loss")
+FIT_OPTIONAL = ("vision_params", "llm_params")
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One point of a results table as the fitter sees it.
+
+    ``group`` holds the (column, value) pairs that, besides the LLM and the encoder, tell curves
+    apart (e.g. ``(("data", "laion"),)``): one LLM trained on two data sets gives two curves.
+    """
+
+    vision: str
+    llm: str
+    data_size: float
+    final_eval_loss: float
+    vision_params: Optional[float] = None
+    llm_params: Optional[float] = None
+    group: tuple[tuple[str, str], ...] = ()
+
+
+def as_fit_row(row: Union[SweepRow, FitRow]) -> FitRow:
+    """A sweep row (or a fit row, unchanged) as a `FitRow` with no group."""
+    if isinstance(row, FitRow):
+        return row
+    return FitRow(row.vision, row.llm, float(row.data_size), float(row.final_eval_loss),
+                  float(row.vision_params), float(row.llm_params))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def group_columns(header: Sequence[str], records: list[dict]) -> list[str]:
+    """The columns that separate curves by default: every text column, other than the fitter's
+    own, with more than one value. Numeric columns (compute, wall time, seeds) never do."""
+    own = set(FIT_REQUIRED) | set(FIT_OPTIONAL)
+    out = []
+    for name in header:
+        values = {r[name] for r in records}
+        if name not in own and len(values) > 1 and not all(_is_number(v) for v in values if v != ""):
+            out.append(name)
+    return out
+
+
+def read_fit_rows(path: PathLike, group_by: Optional[Sequence[str]] = None) -> list[FitRow]:
+    """The rows of any results CSV with at least the `FIT_REQUIRED` columns, in file order.
+
+    Other columns are ignored except those that separate curves: ``group_by`` when given (an
+    empty list: none), else `group_columns`. Raises ``ValueError`` naming the file and line for a
+    missing column or a malformed value.
+    """
+    path = Path(path)
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip() for name in (reader.fieldnames or ())]
+        reader.fieldnames = header
+        records = list(reader)
+    missing = [name for name in FIT_REQUIRED if name not in header]
+    if missing:
+        raise ValueError(
+            f"{path}: no column {', '.join(missing)}; a results table needs {', '.join(FIT_REQUIRED)} "
+            f"(and vision_params for the joint fit), found {', '.join(header) or 'no header'}"
+        )
+    if group_by is None:
+        group_by = group_columns(header, records)
+    unknown = [name for name in group_by if name not in header]
+    if unknown:
+        raise ValueError(f"{path}: --group-by column {', '.join(unknown)} is not in the header ({', '.join(header)})")
+    optional = [name for name in FIT_OPTIONAL if name in header]
+    rows = []
+    for line, record in enumerate(records, start=2):
+        if None in record or any(record[name] is None for name in header):
+            raise ValueError(f"{path} line {line}: {len(header)} columns expected; fix or delete that row")
+        try:
+            sizes = {name: float(record[name]) for name in optional}
+            rows.append(FitRow(
+                vision=record["vision"], llm=record["llm"], data_size=float(record["data_size"]),
+                final_eval_loss=float(record["final_eval_loss"]),
+                group=tuple((name, record[name]) for name in group_by), **sizes,
+            ))
+        except ValueError as err:
+            raise ValueError(f"{path} line {line}: malformed value ({err}); fix or delete that row") from None
+    return rows
+
+
+__all__ = [
+    "SweepRow", "COLUMNS", "compute_flops", "read_rows", "append_row", "write_rows",
+    "FIT_REQUIRED", "FIT_OPTIONAL", "FitRow", "as_fit_row", "group_columns", "read_fit_rows",
+]

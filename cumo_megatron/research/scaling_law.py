@@ -6,24 +6,37 @@ Two forms, fitted the way Hoffmann et al. (2022, "Chinchilla", approach 3) fit t
 - per llm, jointly over its encoders: ``L(N, D) = E + A / N^alpha + B / D^beta`` (N = vision parameters).
 
 The objective is ``sum Huber_delta(log L_pred - log L_obs)`` (delta ~1e-3: nearly an L1 fit in log
-space, so one bad cell cannot drag the curve), minimised by L-BFGS in float64 from the best points
-of a grid of starts. Positive parameters are optimised through their logs and the prediction is a
-log-sum-exp of the terms, so the search is unconstrained and never takes the log of a negative.
-Exponents (alpha, beta) are free, as in Hoffmann et al.
+space, so one bad cell cannot drag the curve), minimised by scipy's L-BFGS-B (analytic gradient,
+float64) from the best points of a grid of starts. Positive parameters are optimised through their logs and the prediction is a
+log-sum-exp of the terms, so the search is unconstrained, E stays >= 0 and nothing takes the log of
+a negative. Exponents (alpha, beta) are free, as in Hoffmann et al.
+
+Why ``scipy.optimize.minimize(method="L-BFGS-B")`` with the gradient written out, rather than
+``least_squares(loss="huber")``: the objective is the same (``least_squares`` minimises delta times
+this sum), but a bootstrap draw is a weight per point here, and a weighted Huber sum is not a
+robust least-squares problem (``huber(sqrt(w) r) != w huber(r)``), so ``least_squares`` would need
+the duplicated rows; it also cost more per evaluation in a trial on these fits (SVD of the Jacobian
+each step, plus the robust-loss rescaling) for as many evaluations. L-BFGS-B on the Huber sum is
+also what Hoffmann et al. and later replications run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
-import torch
+import scipy
+from scipy.optimize import minimize
+from scipy.special import logsumexp
 
-from cumo_megatron.research.results_csv import SweepRow
+from cumo_megatron.research.results_csv import FitRow, SweepRow, as_fit_row
 
 CURVE = "curve"
 JOINT = "joint"
@@ -108,74 +121,136 @@ def _log_saturation(b: float, beta: float, epsilon: float) -> float:
     return min(max(value, -_LOG_CLIP), _LOG_CLIP)
 
 
-def _log_predict(theta: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """log L for each start: ``theta`` [S, 1 + 2k], ``coords`` [k, n] (log of normalised axes) -> [S, n]."""
-    return torch.logsumexp(_terms(theta, coords), dim=0)
+@functools.lru_cache(maxsize=None)
+def _scipy_openblas() -> Optional[ctypes.CDLL]:
+    """scipy's bundled OpenBLAS (the one L-BFGS-B calls), or None for a scipy built otherwise."""
+    folder = Path(scipy.__file__).resolve().parent.parent / "scipy.libs"
+    for path in sorted(folder.glob("libscipy_openblas*.so*")):
+        lib = ctypes.CDLL(str(path))  # already loaded by scipy: the same handle
+        if hasattr(lib, "scipy_openblas_set_num_threads") and hasattr(lib, "scipy_openblas_get_num_threads"):
+            return lib
+    return None
 
 
-def _terms(theta: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """The log of each additive term, [1 + k, S, n]: ``e`` and, per axis j, ``c_j - p_j * coord_j``."""
-    terms = [theta[:, :1].expand(-1, coords.shape[1])]
-    for j in range(coords.shape[0]):
-        coef, power = theta[:, 1 + 2 * j: 2 + 2 * j], theta[:, 2 + 2 * j: 3 + 2 * j]
-        terms.append(coef - power * coords[j])
-    return torch.stack(terms)
+@contextmanager
+def _one_blas_thread():
+    """Run the block with scipy's OpenBLAS on one thread, then restore its count.
 
-
-def _objective(theta: torch.Tensor, coords: torch.Tensor, log_obs: torch.Tensor, delta: float):
-    """Summed Huber loss of the log residuals per start, divided by delta, and its gradient: [S], [S, p].
-
-    Dividing by delta keeps the argmin and makes gradients O(1), so L-BFGS's tolerances mean the
-    same whatever delta is. The gradient is written out because autograd's bookkeeping cost more
-    than the arithmetic on these few numbers: with ``w`` the softmax of the terms and ``psi`` the
-    Huber derivative, d/de = sum psi w_0, d/dc_j = sum psi w_j, d/dp_j = -sum psi w_j coord_j.
+    L-BFGS-B calls BLAS on 3-5 numbers per step, where threads only add hand-offs: on a busy
+    machine they made a whole fit 5x slower. threadpoolctl does this generally but is not a
+    dependency; with another BLAS this does nothing (set OPENBLAS_NUM_THREADS=1 there).
     """
-    terms = _terms(theta, coords)
-    log_pred = torch.logsumexp(terms, dim=0)
-    residual = log_pred - log_obs
-    small = residual.abs() < delta
-    value = torch.where(small, 0.5 * residual**2 / delta, residual.abs() - 0.5 * delta).sum(dim=-1)
-    psi = residual.clamp(-delta, delta) / delta
-    weighted = psi * torch.exp(terms - log_pred)  # [1 + k, S, n]
-    grads = [weighted[0].sum(dim=-1)]
+    lib = _scipy_openblas()
+    if lib is None:
+        yield
+        return
+    before = lib.scipy_openblas_get_num_threads()
+    lib.scipy_openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.scipy_openblas_set_num_threads(before)
+
+
+def _terms(theta: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """The log of each additive term, [1 + k, ..., n]: ``e`` and, per axis j, ``c_j - p_j * coord_j``.
+
+    ``theta`` is one optimiser vector [p] or a stack of them [S, p]; ``coords`` [k, n] are the logs
+    of the normalised axes.
+    """
+    shape = theta.shape[:-1] + coords.shape[1:]
+    terms = [np.broadcast_to(theta[..., :1], shape)]
     for j in range(coords.shape[0]):
-        grads += [weighted[1 + j].sum(dim=-1), -(weighted[1 + j] * coords[j]).sum(dim=-1)]
-    return value, torch.stack(grads, dim=-1)
+        coef, power = theta[..., 1 + 2 * j: 2 + 2 * j], theta[..., 2 + 2 * j: 3 + 2 * j]
+        terms.append(coef - power * coords[j])
+    return np.stack(terms)
 
 
-def _grid(n_axes: int, min_loss: float) -> torch.Tensor:
+def _log_predict(theta: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """log L at every point: the log-sum-exp of the terms, [..., n]."""
+    return logsumexp(_terms(theta, coords), axis=0)
+
+
+def _huber(residual: np.ndarray, delta: float) -> np.ndarray:
+    """Huber loss of each residual divided by delta: ``r^2 / (2 delta)`` inside delta, ``|r| - delta/2`` beyond.
+
+    Dividing by delta keeps the argmin and makes gradients O(1), so the optimiser's tolerances
+    mean the same whatever delta is.
+    """
+    size = np.abs(residual)
+    return np.where(size < delta, 0.5 * residual**2 / delta, size - 0.5 * delta)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """One fit's points in the optimiser's coordinates, and the weight of each point.
+
+    Weights are how often each point is counted: all ones for a fit, the draw counts for a
+    bootstrap resample (a point drawn twice adds its loss twice, exactly as a duplicated row).
+    """
+
+    coords: np.ndarray  # [k, n] logs of the axes over their scales
+    log_obs: np.ndarray  # [n]
+    delta: float
+
+    def objective(self, theta: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
+        """Weighted Huber sum of the log residuals and its gradient.
+
+        The gradient is written out (scipy then needs no finite differences): with ``w`` the
+        softmax of the terms and ``psi`` the Huber derivative, d/de = sum psi w_0,
+        d/dc_j = sum psi w_j, d/dp_j = -sum psi w_j coord_j.
+        """
+        terms = _terms(theta, self.coords)
+        top = terms.max(axis=0)
+        exps = np.exp(terms - top)
+        total = exps.sum(axis=0)
+        residual = top + np.log(total) - self.log_obs
+        value = float(_huber(residual, self.delta) @ weights)
+        weighted = exps * (np.clip(residual / self.delta, -1.0, 1.0) * weights / total)
+        grad = [weighted[0].sum()]
+        for j in range(self.coords.shape[0]):
+            grad += [weighted[1 + j].sum(), -(weighted[1 + j] @ self.coords[j])]
+        return value, np.asarray(grad)
+
+    def grid_losses(self, grid: np.ndarray) -> np.ndarray:
+        """Per-point Huber loss of every grid start, [S, n]: a start's score is this times the weights."""
+        return _huber(_log_predict(grid, self.coords) - self.log_obs, self.delta)
+
+    def minimize(self, start: np.ndarray, weights: np.ndarray, max_iter: int, tolerance: float) -> tuple[np.ndarray, float]:
+        """scipy's L-BFGS-B from one start; the end point and its objective (inf when it diverged).
+
+        Stops when an iteration changes the objective by less than ``tolerance`` relative to
+        ``max(|objective|, 1)`` (scipy's ``ftol``), or after ``max_iter`` iterations. A line search
+        that cannot progress ends the run where it stands, which near the Huber kink is the optimum
+        to within delta.
+        """
+        with _one_blas_thread():
+            result = minimize(
+                self.objective, start, args=(weights,), jac=True, method="L-BFGS-B",
+                options={"maxiter": max_iter, "ftol": tolerance, "gtol": 1e-10, "maxcor": 10},
+            )
+        theta, value = np.asarray(result.x, dtype=np.float64), float(result.fun)
+        if not (math.isfinite(value) and np.all(np.isfinite(theta))):
+            return theta, math.inf
+        return theta, value
+
+    def best_of(self, starts, weights: np.ndarray, max_iter: int, tolerance: float) -> tuple[Optional[np.ndarray], float]:
+        """The lowest end point over runs from ``starts`` (None, inf when every run diverged)."""
+        best_theta, best_value = None, math.inf
+        for start in starts:
+            theta, value = self.minimize(np.asarray(start, dtype=np.float64), weights, max_iter, tolerance)
+            if value < best_value:
+                best_theta, best_value = theta, value
+        return best_theta, best_value
+
+
+def _grid(n_axes: int, min_loss: float) -> np.ndarray:
     """All grid starts as optimiser vectors, [S, 1 + 2 * n_axes]."""
     e = [math.log(min_loss * f) for f in _E_FRACTIONS]
     coef = [math.log(min_loss * f) for f in _COEF_FRACTIONS]
     per_axis = list(itertools.product(coef, _EXPONENTS))
     rows = [(ev,) + sum(axes, ()) for ev in e for axes in itertools.product(per_axis, repeat=n_axes)]
-    return torch.tensor(rows, dtype=torch.float64)
-
-
-def _lbfgs(start: torch.Tensor, coords, log_obs, delta: float, max_iter: int, tolerance: float) -> tuple[torch.Tensor, float]:
-    """Minimise from one start; the end point and its objective (inf when it diverged).
-
-    Stops when an iteration changes the objective (or a parameter) by less than ``tolerance``.
-    """
-    theta = start.clone().unsqueeze(0).requires_grad_(True)
-    # A history longer than a few steps buys nothing with 3-5 parameters and costs time per step.
-    opt = torch.optim.LBFGS(
-        [theta], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=tolerance,
-        history_size=8, line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        with torch.no_grad():
-            value, grad = _objective(theta, coords, log_obs, delta)
-        theta.grad = grad
-        return value.sum()
-
-    opt.step(closure)
-    with torch.no_grad():
-        value = float(_objective(theta, coords, log_obs, delta)[0])
-    if not math.isfinite(value) or not torch.isfinite(theta).all():
-        return theta.detach()[0], math.inf
-    return theta.detach()[0], value
+    return np.asarray(rows, dtype=np.float64)
 
 
 def _axes(form: str, data_sizes, vision_params) -> np.ndarray:
@@ -197,27 +272,8 @@ def _identifiable(form: str, axes: np.ndarray) -> Optional[str]:
     return None
 
 
-def fit_power_law(
-    form: str,
-    data_sizes: Sequence[float],
-    losses: Sequence[float],
-    vision_params: Optional[Sequence[float]] = None,
-    *,
-    delta: float = 1e-3,
-    starts: int = 8,
-    max_iter: int = 500,
-    tolerance: float = 1e-10,
-    scales: Optional[Sequence[float]] = None,
-    extra_starts: Sequence[Sequence[float]] = (),
-) -> PowerLawFit:
-    """Fit ``form`` (`CURVE` or `JOINT`) to the points; the best of L-BFGS runs from several starts.
-
-    The whole start grid is scored at once and L-BFGS runs from its ``starts`` best points plus
-    ``extra_starts`` (optimiser vectors at ``scales``; bootstrap refits pass the full fit's).
-    ``scales`` divide the axes before the log (default: their geometric means) so that the
-    coefficients' logs and the exponents are of order one. Raises ``ValueError`` for points that
-    cannot determine the form (non-positive values, too few distinct sizes).
-    """
+def _problem(form: str, data_sizes, losses, vision_params, delta: float, scales) -> tuple[_Problem, np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Checked points as an optimisation problem, their axes [k, n], losses [n], and the axes' scales."""
     axes = _axes(form, data_sizes, vision_params)
     obs = np.asarray(losses, dtype=np.float64)
     if axes.shape[1] != obs.shape[0]:
@@ -229,27 +285,51 @@ def fit_power_law(
         raise ValueError(f"power-law fit ({FORMULAS[form]}): {reason}")
     if scales is None:
         scales = tuple(float(np.exp(np.mean(np.log(np.unique(a))))) for a in axes)
-    coords = torch.from_numpy(np.log(axes / np.asarray(scales)[:, None]))
-    log_obs = torch.from_numpy(np.log(obs))
+    coords = np.log(axes / np.asarray(scales, dtype=np.float64)[:, None])
+    return _Problem(coords, np.log(obs), delta), axes, obs, tuple(float(s) for s in scales)
 
+
+def fit_power_law(
+    form: str,
+    data_sizes: Sequence[float],
+    losses: Sequence[float],
+    vision_params: Optional[Sequence[float]] = None,
+    *,
+    delta: float = 1e-3,
+    starts: int = 8,
+    max_iter: int = 500,
+    tolerance: float = 1e-12,
+    scales: Optional[Sequence[float]] = None,
+    extra_starts: Sequence[Sequence[float]] = (),
+) -> PowerLawFit:
+    """Fit ``form`` (`CURVE` or `JOINT`) to the points; the best of L-BFGS-B runs from several starts.
+
+    The whole start grid is scored at once and scipy's L-BFGS-B runs from its ``starts`` best
+    points plus ``extra_starts`` (optimiser vectors at ``scales``). ``scales`` divide the axes
+    before the log (default: their geometric means) so that the coefficients' logs and the
+    exponents are of order one. ``tolerance`` is L-BFGS-B's relative ``ftol``. Raises
+    ``ValueError`` for points that cannot determine the form (non-positive values, too few
+    distinct sizes) or when every run diverged.
+    """
+    problem, axes, obs, scales = _problem(form, data_sizes, losses, vision_params, delta, scales)
+    weights = np.ones(problem.log_obs.shape[0])
     grid = _grid(len(axes), float(obs.min()))
-    with torch.no_grad():
-        scores = _objective(grid, coords, log_obs, delta)[0]
-    candidates = list(grid[torch.argsort(scores)[:starts]])
-    candidates += [torch.as_tensor(s, dtype=torch.float64) for s in extra_starts]
-    best_theta, best_value = None, math.inf
-    for start in candidates:
-        theta, value = _lbfgs(start, coords, log_obs, delta, max_iter, tolerance)
-        if value < best_value:
-            best_theta, best_value = theta, value
-    if best_theta is None:
+    order = np.argsort(problem.grid_losses(grid) @ weights, kind="stable")
+    candidates = list(grid[order[:starts]]) + [np.asarray(s, dtype=np.float64) for s in extra_starts]
+    theta, value = problem.best_of(candidates, weights, max_iter, tolerance)
+    if theta is None:
         raise ValueError(f"power-law fit ({FORMULAS[form]}): every start diverged")
+    return _make_fit(form, problem, axes, obs, scales, theta, value)
 
-    params = _to_params(form, best_theta.numpy(), scales)
+
+def _make_fit(
+    form: str, problem: _Problem, axes: np.ndarray, obs: np.ndarray, scales: tuple[float, ...], theta: np.ndarray, value: float
+) -> PowerLawFit:
+    """The `PowerLawFit` of an optimiser end point (``ValueError`` when its parameters overflow)."""
+    params = _to_params(form, theta, scales)
     if not all(math.isfinite(v) for v in params.values()):
         raise ValueError(f"power-law fit ({FORMULAS[form]}): parameters overflowed ({params})")
-    with torch.no_grad():
-        residuals = (_log_predict(best_theta[None], coords)[0] - log_obs).numpy()
+    residuals = _log_predict(theta, problem.coords) - problem.log_obs
     return PowerLawFit(
         form=form,
         params=params,
@@ -257,9 +337,9 @@ def fit_power_law(
         vision_params=tuple(float(v) for v in axes[0]) if form == JOINT else None,
         losses=tuple(float(v) for v in obs),
         residuals=tuple(float(v) for v in residuals),
-        objective=best_value,
-        theta=tuple(float(v) for v in best_theta),
-        scales=tuple(float(s) for s in scales),
+        objective=value,
+        theta=tuple(float(v) for v in theta),
+        scales=scales,
     )
 
 
@@ -330,65 +410,81 @@ def bootstrap(
     delta: float = 1e-3,
     starts: int = 1,
     max_iter: int = 500,
-    tolerance: float = 1e-6,
+    tolerance: float = 1e-9,
     progress: Optional[Callable[[], None]] = None,
 ) -> Bootstrap:
     """Refit ``fit``'s form on ``resamples`` draws of its points with replacement.
 
-    Each refit starts from the full fit's solution and the ``starts`` best grid points of the
-    resample. Draws that cannot determine the form (too few distinct sizes) are skipped and
-    counted out of `Bootstrap.used`. ``progress()`` is called once per draw. The refits stop at a
-    looser ``tolerance`` than a fit (the objective is a sum of |log residual| / delta, so 1e-6 is
-    1e-9 in log loss): on draws that leave the form nearly undetermined the optimiser otherwise
-    crawls along a flat valley for hundreds of steps, and where it stops there moves the
+    A draw is a weight per point (how often it was drawn), so a refit costs no more than the fit.
+    Each refit runs L-BFGS-B from the full fit's solution, and from those of the draw's ``starts``
+    best grid points that score below that solution on the draw (the grid's per-point losses are
+    computed once; a draw's scores are one product with its weights). Draws that cannot determine the form (too few distinct sizes) are
+    skipped and counted out of `Bootstrap.used`. ``progress()`` is called once per draw. Refits
+    stop at a looser ``tolerance`` than a fit: on draws that leave the form nearly undetermined
+    the optimiser otherwise crawls along a flat valley, and where it stops there moves the
     parameters far less than the draws scatter.
     """
     rng = np.random.default_rng(seed)
-    n = len(fit.losses)
-    losses = np.asarray(fit.losses)
-    d = np.asarray(fit.data_sizes)
-    vp = None if fit.vision_params is None else np.asarray(fit.vision_params)
+    problem, axes, obs, _ = _problem(fit.form, fit.data_sizes, fit.losses, fit.vision_params, delta, fit.scales)
+    n = obs.shape[0]
+    grid = _grid(axes.shape[0], float(obs.min()))
+    grid_losses = problem.grid_losses(grid) if starts > 0 else None
+    names = PARAM_NAMES[fit.form]
     samples = []
     for _ in range(resamples):
-        idx = rng.integers(0, n, size=n)
-        try:
-            refit = fit_power_law(
-                fit.form, d[idx], losses[idx], None if vp is None else vp[idx], delta=delta, starts=starts,
-                max_iter=max_iter, tolerance=tolerance, scales=fit.scales, extra_starts=[fit.theta],
-            )
-        except ValueError:
-            refit = None
-        if refit is not None:
-            samples.append([refit.params[name] for name in PARAM_NAMES[fit.form]])
+        # The same draws as resampling the rows: n indices with replacement.
+        weights = np.bincount(rng.integers(0, n, size=n), minlength=n).astype(np.float64)
+        if _identifiable(fit.form, axes[:, weights > 0]) is None:
+            full = np.asarray(fit.theta)
+            candidates = [full]
+            if grid_losses is not None:
+                # Only grid points that already beat the full solution on this draw can lead to
+                # another basin worth the run; a run from each would triple the cost for nothing
+                # (intervals measured the same on the seed paper's shape).
+                scores = grid_losses @ weights
+                best = np.argsort(scores, kind="stable")[:starts]
+                candidates += list(grid[best[scores[best] < problem.objective(full, weights)[0]]])
+            theta, _value = problem.best_of(candidates, weights, max_iter, tolerance)
+            params = None if theta is None else _to_params(fit.form, theta, fit.scales)
+            if params is not None and all(math.isfinite(v) for v in params.values()):
+                samples.append([params[name] for name in names])
         if progress is not None:
             progress()
-    names = PARAM_NAMES[fit.form]
     return Bootstrap(names=names, samples=np.asarray(samples, dtype=np.float64).reshape(-1, len(names)), requested=resamples)
 
 
 @dataclass
 class FitReport:
-    """One fit of the sweep (a curve or an llm's joint fit) with its intervals, or why it was skipped."""
+    """One fit of the table (a curve or an llm's joint fit, within one group) with its intervals,
+    or why it was skipped."""
 
     form: str
     llm: str
     vision: Optional[str]  # curves only
-    vision_params: Optional[int]  # curves only
-    rows: list[SweepRow]
+    vision_params: Optional[float]  # curves only; None when the table has no vision_params
+    rows: list[FitRow]
     fit: Optional[PowerLawFit] = None
     intervals: dict[str, Optional[tuple[float, float]]] = field(default_factory=dict)
     saturation: Optional[float] = None
     saturation_interval: Optional[tuple[float, float]] = None
     bootstrap_used: int = 0
     skipped: Optional[str] = None
+    group: tuple[tuple[str, str], ...] = ()  # the (column, value) pairs that set this curve apart
+
+    @property
+    def label(self) -> str:
+        """The group as ``column=value, ...`` ('' without groups)."""
+        return ", ".join(f"{name}={value}" for name, value in self.group)
 
     def to_dict(self) -> dict:
         """JSON-ready: parameters, intervals, saturation point, residual per point."""
         out = {"form": self.form, "formula": FORMULAS[self.form], "llm": self.llm}
+        if self.group:
+            out["group"] = dict(self.group)
         if self.form == CURVE:
-            out.update(vision=self.vision, vision_params=self.vision_params)
+            out.update(vision=self.vision, vision_params=_plain(self.vision_params))
         else:
-            out["visions"] = list(dict.fromkeys(r.vision for r in sorted(self.rows, key=lambda r: r.vision_params)))
+            out["visions"] = list(dict.fromkeys(r.vision for r in sorted(self.rows, key=lambda r: r.vision_params or 0)))
         out["points"] = len(self.rows)
         if self.fit is None:
             out["skipped"] = self.skipped
@@ -402,7 +498,7 @@ class FitReport:
         out["bootstrap_used"] = self.bootstrap_used
         predicted = self.fit.predict(self.fit.data_sizes, self.fit.vision_params)
         out["residuals"] = [
-            {"vision": r.vision, "vision_params": r.vision_params, "data_size": r.data_size,
+            {"vision": r.vision, "vision_params": _plain(r.vision_params), "data_size": _plain(r.data_size),
              "loss": r.final_eval_loss, "predicted": float(p), "log_residual": res}
             for r, p, res in zip(self.rows, predicted, self.fit.residuals)
         ]
@@ -436,10 +532,16 @@ class ScalingReport:
         """Human-readable tables: per-curve fits, then joint fits, with intervals."""
         pct = f"{100 * self.confidence:g}%"
         lines = [f"per-curve fits  {FORMULAS[CURVE]}   [{pct} bootstrap CI, {self.resamples} resamples]"]
-        lines += _table(self.curves, ("llm", "vision", "n"), self.epsilon)
+        grouped = ("group",) if any(r.group for r in self.curves) else ()
+        lines += _table(self.curves, ("llm",) + grouped + ("vision", "n"), self.epsilon)
         lines += ["", f"joint fits per llm  {FORMULAS[JOINT]}   (N = vision params)   [{pct} bootstrap CI]"]
-        lines += _table(self.joints, ("llm", "n"), self.epsilon)
+        lines += _table(self.joints, ("llm",) + grouped + ("n",), self.epsilon)
         return "\n".join(lines)
+
+
+def _plain(value: Optional[float]):
+    """A whole number as an int (sizes read as floats print as 1000000, not 1000000.0)."""
+    return int(value) if value is not None and float(value).is_integer() else value
 
 
 def _finite_or_none(value: Optional[float]) -> Optional[float]:
@@ -462,7 +564,7 @@ def _table(reports: list[FitReport], keys: tuple[str, ...], epsilon: float) -> l
     header = list(keys) + list(names) + ["rmse(log)", f"D* (eps={epsilon:g})", "boot"]
     body = []
     for r in reports:
-        label = {"llm": r.llm, "vision": r.vision or "", "n": str(len(r.rows))}
+        label = {"llm": r.llm, "group": r.label, "vision": r.vision or "", "n": str(len(r.rows))}
         cells = [label[k] for k in keys]
         if r.fit is None:
             cells.append(f"skipped: {r.skipped}")
@@ -475,25 +577,69 @@ def _table(reports: list[FitReport], keys: tuple[str, ...], epsilon: float) -> l
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + body]
 
 
-def _check_rows(rows: list[SweepRow], source: str) -> None:
+def _check_rows(rows: list[FitRow], source: str) -> None:
     """Values a log-space fit cannot use, named by CSV line (header is line 1)."""
-    sizes: dict[tuple[str, str], int] = {}
+    sizes: dict[tuple, Optional[float]] = {}
     for i, r in enumerate(rows):
         where = f"{source} line {i + 2}"
         for name in ("final_eval_loss", "data_size", "vision_params"):
             value = getattr(r, name)
+            if value is None and name == "vision_params":
+                continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{where}: {name} {value!r} must be a positive finite number; fix or delete that row")
-        known = sizes.setdefault((r.llm, r.vision), r.vision_params)
+        known = sizes.setdefault((r.llm, r.group, r.vision), r.vision_params)
         if known != r.vision_params:
             raise ValueError(
-                f"{where}: vision {r.vision!r} has vision_params {r.vision_params}, earlier rows say {known}; "
-                "one encoder name must have one size"
+                f"{where}: vision {r.vision!r} has vision_params {_plain(r.vision_params)}, earlier rows say "
+                f"{_plain(known)}; one encoder name must have one size"
             )
 
 
+def _order(rows: list[FitRow]) -> tuple[dict, dict]:
+    """Sort keys for LLMs and encoders: by size where the table gives it, else by first appearance
+    (smallest LLM first, then encoders by size: the order the study reads its tables in)."""
+    llms: dict[str, tuple] = {}
+    visions: dict[str, tuple] = {}
+    for i, r in enumerate(rows):
+        llms.setdefault(r.llm, (r.llm_params if r.llm_params is not None else math.inf, i))
+        visions.setdefault(r.vision, (r.vision_params if r.vision_params is not None else math.inf, i))
+    return llms, visions
+
+
+def _plan(rows: list[FitRow]) -> list[FitReport]:
+    """One curve per (llm, group, vision) and one joint fit per (llm, group), in reading order."""
+    llm_key, vision_key = _order(rows)
+    groups = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in rows))}
+    by_curve: dict[tuple, list[FitRow]] = {}
+    by_joint: dict[tuple, list[FitRow]] = {}
+    for r in rows:
+        by_curve.setdefault((r.llm, r.group, r.vision), []).append(r)
+        by_joint.setdefault((r.llm, r.group), []).append(r)
+    curves = [
+        FitReport(CURVE, llm, vision, rs[0].vision_params, rs, group=group)
+        for (llm, group, vision), rs in sorted(
+            by_curve.items(), key=lambda kv: (llm_key[kv[0][0]], kv[0][0], groups[kv[0][1]], vision_key[kv[0][2]])
+        )
+    ]
+    joints = [
+        FitReport(JOINT, llm, None, None, rs, group=group)
+        for (llm, group), rs in sorted(by_joint.items(), key=lambda kv: (llm_key[kv[0][0]], kv[0][0], groups[kv[0][1]]))
+    ]
+    return curves + joints
+
+
+def _skip_reason(report: FitReport) -> Optional[str]:
+    """Why a planned fit cannot be made from its rows, or None."""
+    if report.form == JOINT and any(r.vision_params is None for r in report.rows):
+        return "no vision_params column: the joint fit needs each encoder's parameter count"
+    sizes = [r.data_size for r in report.rows]
+    encoders = [r.vision_params for r in report.rows] if report.form == JOINT else None
+    return _identifiable(report.form, _axes(report.form, sizes, encoders))
+
+
 def fit_sweep(
-    rows: list[SweepRow],
+    rows: list[Union[FitRow, SweepRow]],
     *,
     epsilon: float = 0.01,
     resamples: int = 200,
@@ -503,42 +649,29 @@ def fit_sweep(
     source: str = "results",
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> ScalingReport:
-    """Fit every (vision, llm) curve and every llm's joint law of a sweep's rows, with bootstrap CIs.
+    """Fit every curve and every joint law of a results table's rows, with bootstrap CIs.
 
-    ``progress(done, total)`` is called after each bootstrap draw. Each fit's draws use their own
-    generator seeded from (``seed``, fit index), so one fit's intervals do not depend on others.
-    A fit whose points cannot determine its form is reported as skipped, with the reason.
+    A curve is one (llm, group, vision); a joint fit one (llm, group) over its encoders, where
+    the group is `FitRow.group` (e.g. the data set; sweep rows have none). ``progress(done,
+    total)`` is called after each bootstrap draw. Each fit's draws use their own generator seeded
+    from (``seed``, fit index), so one fit's intervals do not depend on others. A fit whose points
+    cannot determine its form is reported as skipped, with the reason.
     """
     if not rows:
         raise ValueError(f"{source}: no rows to fit")
     if not epsilon > 0:
         raise ValueError(f"saturation epsilon must be > 0, got {epsilon}")
+    rows = [as_fit_row(r) for r in rows]
     _check_rows(rows, source)
-    by_curve: dict[tuple[str, str], list[SweepRow]] = {}
-    by_llm: dict[str, list[SweepRow]] = {}
-    for r in rows:
-        by_curve.setdefault((r.llm, r.vision), []).append(r)
-        by_llm.setdefault(r.llm, []).append(r)
-    # Smallest LLM first, then encoders by size: the order the study reads its tables in.
-    llm_order = {llm: (group[0].llm_params, llm) for llm, group in by_llm.items()}
-    curves = [
-        FitReport(CURVE, llm, vision, group[0].vision_params, group)
-        for (llm, vision), group in sorted(
-            by_curve.items(), key=lambda kv: (llm_order[kv[0][0]], kv[1][0].vision_params, kv[0][1])
-        )
-    ]
-    joints = [FitReport(JOINT, llm, None, None, by_llm[llm]) for llm in sorted(by_llm, key=llm_order.get)]
-
-    reports = curves + joints
+    reports = _plan(rows)
     total, done = resamples * len(reports), 0
     for index, report in enumerate(reports):
-        sizes = [r.data_size for r in report.rows]
-        encoders = [r.vision_params for r in report.rows] if report.form == JOINT else None
-        report.skipped = _identifiable(report.form, _axes(report.form, sizes, encoders))
+        report.skipped = _skip_reason(report)
         if report.skipped is None:
             try:
                 report.fit = fit_power_law(
-                    report.form, sizes, [r.final_eval_loss for r in report.rows], encoders, delta=delta
+                    report.form, [r.data_size for r in report.rows], [r.final_eval_loss for r in report.rows],
+                    [r.vision_params for r in report.rows] if report.form == JOINT else None, delta=delta,
                 )
             except ValueError as err:  # diverged from every start
                 report.skipped = str(err)
@@ -559,6 +692,8 @@ def fit_sweep(
         report.saturation = report.fit.saturation_data_size(epsilon)
         report.saturation_interval = boot.saturation_interval(epsilon, confidence)
         report.bootstrap_used = boot.used
+    curves = [r for r in reports if r.form == CURVE]
+    joints = [r for r in reports if r.form == JOINT]
     return ScalingReport(curves, joints, epsilon, confidence, resamples, seed, delta)
 
 

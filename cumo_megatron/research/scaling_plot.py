@@ -9,13 +9,15 @@ import numpy as np
 from cumo_megatron.research.scaling_law import ScalingReport
 
 
-def _size_label(params: int) -> str:
-    """86000000 -> '86M', 1012000000 -> '1.01B'."""
+def _size_label(params) -> str:
+    """86000000 -> '86M', 1012000000 -> '1.01B', None (a table without sizes) -> '?'."""
+    if params is None:
+        return "?"
     return f"{params / 1e9:.3g}B" if params >= 1e9 else f"{params / 1e6:.3g}M"
 
 
 def plot_scaling(report: ScalingReport, png_path) -> Path:
-    """Write the sweep's figure to ``png_path``; one panel per LLM, one colour per encoder.
+    """Write the sweep's figure to ``png_path``; one panel per LLM (and group), one colour per encoder.
 
     Points are the sweep's cells; solid lines are the per-curve fits ``E + B / D^beta``, dashed
     lines the LLM's joint fit at that encoder's size, and a triangle marks where doubling the
@@ -25,15 +27,21 @@ def plot_scaling(report: ScalingReport, png_path) -> Path:
 
     plt = pyplot()
 
-    llms = list(dict.fromkeys(c.llm for c in report.curves))  # the report's order: smallest LLM first
-    encoders = sorted({(c.vision_params, c.vision) for c in report.curves})
-    colours = {name: plt.get_cmap("tab10")(i % 10) for i, (_, name) in enumerate(encoders)}
-    joints = {j.llm: j.fit for j in report.joints if j.fit is not None}
+    # The report's order: smallest LLM first, then its groups (data sets) as the table lists them.
+    llms = list(dict.fromkeys((c.llm, c.group) for c in report.curves))
+    encoders = list(dict.fromkeys(c.vision for c in report.curves))  # the report's order: by size
+    colours = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(encoders)}
+    joints = {(j.llm, j.group): j.fit for j in report.joints if j.fit is not None}
 
-    fig, axes = plt.subplots(1, max(len(llms), 1), figsize=(6.0 * max(len(llms), 1), 4.6), squeeze=False)
-    for ax, llm in zip(axes[0], llms):
+    # At most three panels a row, so that an LLM trained on several data sets stays readable.
+    cols = min(max(len(llms), 1), 3)
+    rows = -(-max(len(llms), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.ravel()[len(llms):]:
+        ax.set_visible(False)
+    for ax, llm in zip(axes.ravel(), llms):
         marked = False
-        for curve in (c for c in report.curves if c.llm == llm):
+        for curve in (c for c in report.curves if (c.llm, c.group) == llm):
             colour = colours[curve.vision]
             d = np.array([r.data_size for r in curve.rows], dtype=float)
             loss = np.array([r.final_eval_loss for r in curve.rows], dtype=float)
@@ -59,7 +67,8 @@ def plot_scaling(report: ScalingReport, png_path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel("training samples D")
         ax.set_ylabel("final eval loss")
-        ax.set_title(f"LLM {llm}: loss vs data per vision encoder", fontsize=10)
+        group = ", ".join(f"{k}={v}" for k, v in llm[1])
+        ax.set_title(f"LLM {llm[0]}{f' ({group})' if group else ''}: loss vs data per vision encoder", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
