@@ -9,7 +9,9 @@ and makes 24 curves and 6 joint fits. The old one (``cumo_megatron/research/scal
 ``--revision``, written by ``git show`` into a temporary module) cannot read that CSV nor group
 by data set, so it gets the same rows as sweep rows with the data set folded into the LLM name:
 the same 30 fits, the same bootstrap draws. Both run with the default bootstrap (200 resamples
-per fit) one after the other in this process, so they share the machine's load.
+per fit) one after the other, as each ships: the new one in the tool's default worker processes
+(one per available CPU; ``--workers`` to change), the old one in this process with torch's
+default threads. CPU seconds count this process and its finished children.
 
 Prints each fitter's wall and CPU seconds, the ratio, and how far the two agree (largest relative
 difference of E and the exponents over the fits); the last line is one JSON object.
@@ -79,11 +81,17 @@ def old_module(revision: str, folder: Path):
     return module
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU of this process's threads and of its waited-for children."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def timed(fn):
-    """fn's result, wall seconds and CPU seconds (all threads of this process)."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    """fn's result, wall seconds and CPU seconds (this process and its children)."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     out = fn()
-    return out, time.perf_counter() - wall, time.process_time() - cpu
+    return out, time.perf_counter() - wall, _cpu_seconds() - cpu
 
 
 def disagreement(new, old) -> tuple[float, float]:
@@ -108,6 +116,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per fit (the tool's default: 200)")
     p.add_argument("--revision", default="c732944", help="git revision of the old torch fitter")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="the new fitter's processes (default: as tools/fit_scaling_law.py, one per available CPU)")
     args = p.parse_args()
 
     records = table()
@@ -121,9 +131,10 @@ def main() -> int:
         old = old_module(args.revision, folder)
 
         new_report, new_wall, new_cpu = timed(
-            lambda: fit_sweep(read_fit_rows(csv_path), resamples=args.resamples, source=str(csv_path))
+            lambda: fit_sweep(read_fit_rows(csv_path), resamples=args.resamples, source=str(csv_path),
+                              workers=args.workers)
         )
-        print(f"new (scipy L-BFGS-B): {new_wall:.1f} s wall, {new_cpu:.1f} s CPU, "
+        print(f"new (scipy L-BFGS-B, {args.workers} worker(s)): {new_wall:.1f} s wall, {new_cpu:.1f} s CPU, "
               f"{len(new_report.curves)} curves + {len(new_report.joints)} joint fits, {args.resamples} resamples each")
         sweep_rows = [
             SweepRow(r["vision"], r["vision_params"], f"{r['llm']}|{r['data']}", r["llm_params"], r["data_size"],
@@ -143,7 +154,7 @@ def main() -> int:
         "old_revision": args.revision, "old_wall_s": round(old_wall, 2), "old_cpu_s": round(old_cpu, 2),
         "new_wall_s": round(new_wall, 2), "new_cpu_s": round(new_cpu, 2),
         "ratio_wall": round(old_wall / new_wall, 2), "ratio_cpu": round(old_cpu / new_cpu, 2),
-        "max_objective_excess": excess, "max_rel_diff_E_alpha_beta": worst, "cpu_count": os.cpu_count(),
+        "max_objective_excess": excess, "max_rel_diff_E_alpha_beta": worst, "cpu_count": os.cpu_count(), "workers": args.workers,
     }))
     return 0
 

@@ -11,7 +11,8 @@ over its encoders, ``L(N, D) = E + A / N^alpha + B / D^beta`` (N = vision parame
 on log residuals, scipy's L-BFGS-B from a grid of starts, percentile bootstrap intervals, and per
 fit the data size beyond which doubling D gains less than ``--epsilon`` in loss. Outputs default to ``<csv stem>_fit.png``
 and ``<csv stem>_fit.json`` next to the CSV; the last line printed is the JSON on one line.
-Exit status 1 with one ``error:`` line on a bad CSV.
+Fits run in ``--workers`` processes (default: one per available CPU); the
+results do not depend on it. Exit status 1 with one ``error:`` line on a bad CSV.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--huber-delta", type=float, default=1e-3, help="Huber threshold on log residuals")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: <csv stem>_fit.png next to the CSV)")
     p.add_argument("--json", type=Path, default=None, help="JSON path (default: <csv stem>_fit.json next to the CSV)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
+                   help="processes fitting in parallel (default: the CPUs this process may use; 1: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if not args.epsilon > 0:
@@ -52,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--confidence must be in (0, 1)")
     if not args.huber_delta > 0:
         p.error("--huber-delta must be > 0")
+    if args.workers < 1:
+        p.error("--workers must be >= 1")
     return args
 
 
@@ -92,6 +97,7 @@ def main(argv=None) -> int:
         report = fit_sweep(
             read_fit_rows(args.csv, group_by), epsilon=args.epsilon, resamples=args.bootstrap, seed=args.seed,
             confidence=args.confidence, delta=args.huber_delta, source=str(args.csv), progress=progress,
+            workers=args.workers,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -26,6 +26,8 @@ import ctypes
 import functools
 import itertools
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +194,17 @@ class _Problem:
     coords: np.ndarray  # [k, n] logs of the axes over their scales
     log_obs: np.ndarray  # [n]
     delta: float
+    # Derived in __post_init__ so that `objective` (called ~70 times per optimiser run, on 5-40
+    # points, where numpy's per-call overhead is the cost) is a handful of whole-array operations.
+    _x: np.ndarray = field(init=False, repr=False)  # [1 + k, n]: a zero row (for e), then coords
+    _coef_index: np.ndarray = field(init=False, repr=False)  # theta's e, c_1, ..., c_k
+    _power_index: np.ndarray = field(init=False, repr=False)  # theta's p_1, ..., p_k
+
+    def __post_init__(self) -> None:
+        k = self.coords.shape[0]
+        object.__setattr__(self, "_x", np.vstack([np.zeros((1, self.coords.shape[1])), self.coords]))
+        object.__setattr__(self, "_coef_index", np.asarray([0] + [1 + 2 * j for j in range(k)]))
+        object.__setattr__(self, "_power_index", np.asarray([2 + 2 * j for j in range(k)]))
 
     def objective(self, theta: np.ndarray, weights: np.ndarray) -> tuple[float, np.ndarray]:
         """Weighted Huber sum of the log residuals and its gradient.
@@ -200,17 +213,19 @@ class _Problem:
         softmax of the terms and ``psi`` the Huber derivative, d/de = sum psi w_0,
         d/dc_j = sum psi w_j, d/dp_j = -sum psi w_j coord_j.
         """
-        terms = _terms(theta, self.coords)
+        powers = np.zeros(self._x.shape[0])
+        powers[1:] = theta[self._power_index]
+        terms = theta[self._coef_index][:, None] - powers[:, None] * self._x  # [1 + k, n], as `_terms`
         top = terms.max(axis=0)
         exps = np.exp(terms - top)
         total = exps.sum(axis=0)
         residual = top + np.log(total) - self.log_obs
         value = float(_huber(residual, self.delta) @ weights)
         weighted = exps * (np.clip(residual / self.delta, -1.0, 1.0) * weights / total)
-        grad = [weighted[0].sum()]
-        for j in range(self.coords.shape[0]):
-            grad += [weighted[1 + j].sum(), -(weighted[1 + j] @ self.coords[j])]
-        return value, np.asarray(grad)
+        grad = np.empty_like(theta)
+        grad[self._coef_index] = weighted.sum(axis=1)
+        grad[self._power_index] = -(weighted[1:] * self.coords).sum(axis=1)
+        return value, grad
 
     def grid_losses(self, grid: np.ndarray) -> np.ndarray:
         """Per-point Huber loss of every grid start, [S, n]: a start's score is this times the weights."""
@@ -648,53 +663,88 @@ def fit_sweep(
     delta: float = 1e-3,
     source: str = "results",
     progress: Optional[Callable[[int, int], None]] = None,
+    workers: int = 1,
 ) -> ScalingReport:
     """Fit every curve and every joint law of a results table's rows, with bootstrap CIs.
 
     A curve is one (llm, group, vision); a joint fit one (llm, group) over its encoders, where
-    the group is `FitRow.group` (e.g. the data set; sweep rows have none). ``progress(done,
-    total)`` is called after each bootstrap draw. Each fit's draws use their own generator seeded
-    from (``seed``, fit index), so one fit's intervals do not depend on others. A fit whose points
-    cannot determine its form is reported as skipped, with the reason.
+    the group is `FitRow.group` (e.g. the data set; sweep rows have none). Each fit's draws use
+    their own generator seeded from (``seed``, fit index), so one fit's intervals do not depend on
+    others, nor on ``workers``: with more than one, fits run in that many processes (the fits are
+    independent and each is pure Python-level optimiser calls, which threads would serialise).
+    ``progress(done, total)`` counts bootstrap draws: after each one in a single process, after
+    each finished fit with workers. A fit whose points cannot determine its form is reported as
+    skipped, with the reason.
     """
     if not rows:
         raise ValueError(f"{source}: no rows to fit")
     if not epsilon > 0:
         raise ValueError(f"saturation epsilon must be > 0, got {epsilon}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     rows = [as_fit_row(r) for r in rows]
     _check_rows(rows, source)
     reports = _plan(rows)
+    settings = _FitSettings(epsilon, resamples, seed, confidence, delta)
     total, done = resamples * len(reports), 0
-    for index, report in enumerate(reports):
-        report.skipped = _skip_reason(report)
-        if report.skipped is None:
-            try:
-                report.fit = fit_power_law(
-                    report.form, [r.data_size for r in report.rows], [r.final_eval_loss for r in report.rows],
-                    [r.vision_params for r in report.rows] if report.form == JOINT else None, delta=delta,
-                )
-            except ValueError as err:  # diverged from every start
-                report.skipped = str(err)
-        if report.fit is None:
-            done += resamples
-            if progress is not None:
-                progress(done, total)
-            continue
 
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None:
-                progress(done, total)
+    def tick(count: int = 1) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total)
 
-        boot = bootstrap(report.fit, resamples, seed=(seed, index), delta=delta, progress=tick)
-        report.intervals = boot.intervals(confidence)
-        report.saturation = report.fit.saturation_data_size(epsilon)
-        report.saturation_interval = boot.saturation_interval(epsilon, confidence)
-        report.bootstrap_used = boot.used
+    workers = min(workers, len(reports))
+    if workers == 1:
+        reports = [_fit_report(report, index, settings, tick) for index, report in enumerate(reports)]
+    else:
+        # forkserver: children start from a clean process, not a fork of a caller that may hold
+        # threads (torch, BLAS) mid-operation; it is also Python 3.14's default on Linux.
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {pool.submit(_fit_report, report, index, settings): index for index, report in enumerate(reports)}
+            for future in as_completed(futures):
+                reports[futures[future]] = future.result()
+                tick(resamples)
     curves = [r for r in reports if r.form == CURVE]
     joints = [r for r in reports if r.form == JOINT]
     return ScalingReport(curves, joints, epsilon, confidence, resamples, seed, delta)
+
+
+@dataclass(frozen=True)
+class _FitSettings:
+    """What every fit of a table shares (sent to worker processes with each fit)."""
+
+    epsilon: float
+    resamples: int
+    seed: int
+    confidence: float
+    delta: float
+
+
+def _fit_report(report: FitReport, index: int, settings: _FitSettings,
+                tick: Optional[Callable[[], None]] = None) -> FitReport:
+    """``report`` with its fit, bootstrap intervals and saturation point filled in (or why it was
+    skipped); ``tick()`` after each bootstrap draw. Module-level so that worker processes can run it."""
+    report.skipped = _skip_reason(report)
+    if report.skipped is None:
+        try:
+            report.fit = fit_power_law(
+                report.form, [r.data_size for r in report.rows], [r.final_eval_loss for r in report.rows],
+                [r.vision_params for r in report.rows] if report.form == JOINT else None, delta=settings.delta,
+            )
+        except ValueError as err:  # diverged from every start
+            report.skipped = str(err)
+    if report.fit is None:
+        if tick is not None:
+            tick(settings.resamples)
+        return report
+    boot = bootstrap(report.fit, settings.resamples, seed=(settings.seed, index), delta=settings.delta, progress=tick)
+    report.intervals = boot.intervals(settings.confidence)
+    report.saturation = report.fit.saturation_data_size(settings.epsilon)
+    report.saturation_interval = boot.saturation_interval(settings.epsilon, settings.confidence)
+    report.bootstrap_used = boot.used
+    return report
 
 
 def default_output(csv_path, suffix: str) -> Path:

@@ -373,3 +373,32 @@ def test_cli_names_a_missing_column(tmp_path, capsys):
     assert _load_cli().main([str(tmp_path / "t.csv"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "t.csv: no column final_eval_loss" in err
+
+
+@pytest.mark.parametrize("axes", [1, 2])
+def test_objective_gradient_matches_central_differences(axes):
+    from cumo_megatron.research.scaling_law import _Problem
+
+    rng = np.random.default_rng(axes)
+    problem = _Problem(rng.normal(size=(axes, 9)), 0.5 + 0.1 * rng.normal(size=9), delta=0.05)
+    theta = 0.3 * rng.normal(size=1 + 2 * axes)
+    weights = rng.integers(0, 3, size=9).astype(np.float64)
+    _, grad = problem.objective(theta, weights)
+    step = 1e-6
+    numeric = [
+        (problem.objective(theta + step * e, weights)[0] - problem.objective(theta - step * e, weights)[0]) / (2 * step)
+        for e in np.eye(theta.size)
+    ]
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_fits_in_worker_processes_equal_fits_in_one(paper_csv):
+    rows = [r for r in read_fit_rows(paper_csv) if r.llm == "7B"]  # 12 curves, 3 joint fits
+    seen = {1: [], 2: []}
+    reports = {
+        workers: fit_sweep(rows, resamples=5, seed=7, workers=workers, progress=lambda done, total, w=workers: seen[w].append((done, total)))
+        for workers in (1, 2)
+    }
+    assert reports[1].to_dict() == reports[2].to_dict()
+    assert len(reports[2].curves) == 12 and all(c.bootstrap_used >= 1 for c in reports[2].curves)
+    assert seen[1][-1] == seen[2][-1] == (75, 75) and len(seen[1]) == 75 and len(seen[2]) == 15
