@@ -14,7 +14,6 @@ from __future__ import annotations
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from cumo_megatron.config.schema import IMAGE_TOKEN_ID

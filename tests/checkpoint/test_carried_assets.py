@@ -27,20 +27,11 @@ from cumo_megatron.errors import EXIT_CHECKPOINT, EXIT_CONFIG
 from cumo_megatron.generate import main as generate
 from tests.fixtures.tiny_models import save_cumo_release, save_hf_clip_vision, save_hf_lm, tiny_sentencepiece
 from tests.helpers.distributed import ROOT
+from tests.helpers.tools import load_tool
 
 
-def _tool(name: str):
-    """Import ``tools/<name>.py`` (a script directory, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"cumo_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-upcycle_cli = _tool("upcycle_checkpoint")
-export_cli = _tool("export_checkpoint")
+upcycle_cli = load_tool("upcycle_checkpoint")
+export_cli = load_tool("export_checkpoint")
 
 SAMPLING = ["--max-new-tokens", "6", "--temperature", "1.0", "--top-p", "0.9", "--seed", "4"]
 TEXTS = ["A red circle is above the blue square.", "How many triangles are there? There are 3.",

@@ -41,20 +41,11 @@ from tests.fixtures.tiny_models import (
     save_open_clip,
 )
 from tests.helpers.distributed import ROOT, run_distributed
+from tests.helpers.tools import load_tool
 
 
-def _tool(name: str):
-    """Import ``tools/<name>.py`` (a script directory, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"cumo_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-upcycle_cli = _tool("upcycle_checkpoint")
-export_cli = _tool("export_checkpoint")
+upcycle_cli = load_tool("upcycle_checkpoint")
+export_cli = load_tool("export_checkpoint")
 
 CLIP_HIDDEN, LM_HIDDEN = 32, 64  # the tiny fixtures' widths
 

@@ -6,18 +6,16 @@ is computed here with numpy, independently of the library's `predict`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cumo_megatron.research.results_csv import SweepRow, append_row, read_fit_rows, read_rows, write_rows
 from cumo_megatron.research.scaling_law import CURVE, bootstrap, fit_curve, fit_joint, fit_sweep, saturation_data_size
+from tests.helpers.tools import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 NOISE = 0.01  # sigma of log-normal noise on every loss
 CURVE_TRUTH = {"E": 1.8, "B": 60.0, "beta": 0.3}
 JOINT_TRUTH = {"E": 1.7, "A": 40.0, "alpha": 0.3, "B": 60.0, "beta": 0.3}
@@ -185,10 +183,7 @@ def test_fit_sweep_names_bad_rows_and_skips_underdetermined_curves():
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("fit_scaling_law_cli", ROOT / "tools" / "fit_scaling_law.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("fit_scaling_law")
 
 
 def test_cli_end_to_end(tmp_path, capsys):

@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from cumo_megatron.errors import run_cli
 from cumo_megatron.quickstart import assets
 from tests.fixtures.tiny_models import save_cumo_release, tiny_sentencepiece
+from tests.helpers.tools import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("evaluate")
 
 
 CLI = _load_cli()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import runpy
 import sys
@@ -13,16 +12,14 @@ import pytest
 from cumo_megatron.data.records import DataSource, ProblemKind
 from cumo_megatron.data.validate import validate_sources
 from tests.fixtures.tiny_models import save_images, tiny_sentencepiece
+from tests.helpers.tools import load_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_LEN = 300
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("validate_data_cli", ROOT / "tools" / "validate_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("validate_data")
 
 
 def good(i, image=True):

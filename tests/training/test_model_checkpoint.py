@@ -25,17 +25,8 @@ from cumo_megatron.models.cumo import build_model
 from cumo_megatron.training.checkpointing import load_latest
 from cumo_megatron.training.loop import TestHooks, Trainer
 from tests.fixtures.tiny_models import save_hf_clip_vision, save_hf_lm
-from tests.training.workers import ROOT, experiment
-
-
-def _tool(name: str):
-    """``tools/<name>.py`` as a module (a script directory, not a package): its ``main(argv)``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"cumo_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers.tools import load_tool
+from tests.training.workers import experiment
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -108,7 +99,7 @@ def test_conversion_records_are_carried_from_train_load(trained):
 
 def test_export_of_a_trained_checkpoint_is_exact_for_untouched_tensors(trained, tmp_path):
     out = tmp_path / "export"
-    assert _tool("export_checkpoint").main(["--checkpoint", str(trained["ckpt"]), "--out", str(out), "--quiet"]) == 0
+    assert load_tool("export_checkpoint").main(["--checkpoint", str(trained["ckpt"]), "--out", str(out), "--quiet"]) == 0
     # Stage 1 froze the CLIP and the LLM: both come back as the HF sources were, text tower included.
     _assert_same(_tensors(trained["tmp"] / "clip"), _tensors(out / "vision"), "vision")
     _assert_same(_tensors(trained["tmp"] / "llama"), _tensors(out / "language"), "language")
@@ -120,7 +111,7 @@ def test_export_of_a_trained_checkpoint_is_exact_for_untouched_tensors(trained, 
 def test_upcycling_tool_and_generate_open_a_trained_checkpoint(trained, dataset, tmp_path, capsys):
     ckpt = trained["ckpt"]
     up = tmp_path / "stage3-init"
-    assert _tool("upcycle_checkpoint").main(["--from-checkpoint", str(ckpt), "--vision-experts", "2", "--connector-experts", "2",
+    assert load_tool("upcycle_checkpoint").main(["--from-checkpoint", str(ckpt), "--vision-experts", "2", "--connector-experts", "2",
                              "--out", str(up), "--quiet"]) == 0
     moe = dict(_load(up).named_parameters())
     for j in range(2):  # experts are copies of the trained dense MLPs

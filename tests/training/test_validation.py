@@ -28,7 +28,7 @@ from cumo_megatron.training.loop import TestHooks, Trainer
 from cumo_megatron.training.metrics import is_training_row
 from cumo_megatron.training.validation import PADDING, STAND_IN, due, eval_plan
 from tests.helpers.distributed import run_distributed
-from tests.training.test_resume import EXACT_KEYS, STEPS, _killed_then_resumed, _same_rows
+from tests.training.test_resume import STEPS, _killed_then_resumed, _same_rows
 from tests.training.workers import experiment, make_eval_file, read_metrics, tiny_model, write_config
 
 RECORDS = 7  # odd: DP = 2 gets uneven shards
