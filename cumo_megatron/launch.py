@@ -25,8 +25,10 @@ Environment (all optional):
 ``RDZV_BACKEND``    ``static`` (default) or ``c10d``; ``--rdzv-backend`` in TORCHRUN_ARGS means the
                     same (the two must agree); bash style only
 ``RDZV_ID``         c10d job id, the same on every node (``cumo-stage{N}``); bash style only
-``TORCHRUN``        the launcher command (``torchrun``); ``TORCHRUN_ARGS``: extra launcher flags,
-                    not those the launcher sets (`OWNED_FLAGS`)
+``TORCHRUN``        the launcher command (``python -m cumo_megatron.torchrun`` with this Python:
+                    torchrun that exits with the failed rank's status, without a launcher
+                    traceback); ``TORCHRUN_ARGS``: extra launcher flags, not those the launcher
+                    sets (`OWNED_FLAGS`)
 ``MODEL``           ``cumo-7b-mistral`` (default), ``cumo-7b-vicuna`` or ``cumo-8x7b``: picks
                     ``configs/stage{N}_{model}.yaml`` beside the script
 ``CONFIG``          a YAML file to use instead (any path)
@@ -73,6 +75,9 @@ MODELS = ("cumo-7b-mistral", "cumo-7b-vicuna", "cumo-8x7b")
 DEFAULT_MODEL = "cumo-7b-mistral"
 STAGES = (1, 2, 3)
 TRAIN_MODULE = "cumo_megatron.train"
+# torch's torchrun, ending a failed job with the rank's exit status and no launcher traceback
+# (cumo_megatron/torchrun.py); run by the Python running this launcher, which has torch.
+TORCHRUN_MODULE = "cumo_megatron.torchrun"
 
 # Process environment every rank of a GPU run wants, set unless the user already set it.
 # CUDA_DEVICE_MAX_CONNECTIONS=1 keeps megatron's TP/SP communication kernels queued in issue
@@ -494,7 +499,7 @@ def torchrun_command(
     nodes: Nodes, rdzv: "Rendezvous", config: str, overrides: Sequence[str], env: Mapping[str, str]
 ) -> list[str]:
     """The command one node runs: torchrun with this node's rendezvous flags (`rendezvous_flags`)."""
-    launcher = shlex.split(env.get("TORCHRUN", "").strip() or "torchrun")
+    launcher = shlex.split(env.get("TORCHRUN", "").strip()) or [sys.executable, "-m", TORCHRUN_MODULE]
     return [
         *launcher,
         "--nnodes", str(nodes.nnodes),

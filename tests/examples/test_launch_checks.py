@@ -19,7 +19,7 @@ import pytest
 
 from cumo_megatron import launch
 from cumo_megatron.config.loader import ConfigError
-from tests.examples.test_launch_scripts import LAUNCH_VARIABLES, REPO, SCRIPTS, clean_env, config_file
+from tests.examples.test_launch_scripts import LAUNCH_VARIABLES, LAUNCHER, REPO, SCRIPTS, clean_env, config_file
 
 README = REPO / "examples" / "README.md"
 
@@ -33,7 +33,13 @@ def dry_launch(env: dict[str, str], stage: int = 2, argv=()) -> tuple[list[str],
 
 def _rendezvous_part(command: list[str]) -> list[str]:
     """The flags between ``--nproc-per-node N`` and ``-m``."""
-    return command[command.index("--nproc-per-node") + 2:command.index("-m")]
+    start = command.index("--nproc-per-node") + 2
+    return command[start:command.index("-m", start)]
+
+
+def _training_part(command: list[str]) -> list[str]:
+    """From the ``-m`` that names the training module on."""
+    return command[command.index("-m", command.index("--nproc-per-node")):]
 
 
 # --------------------------------------------------------------------------- #
@@ -214,7 +220,7 @@ def readme_block(containing: str) -> str:
 
 
 def _torchrun_lines(stdout: str) -> list[list[str]]:
-    return [shlex.split(line) for line in stdout.splitlines() if line.startswith("torchrun ")]
+    return [shlex.split(line) for line in stdout.splitlines() if line.startswith(shlex.join(LAUNCHER) + " ")]
 
 
 def test_readme_bash_style_commands(te_found):
@@ -227,7 +233,7 @@ def test_readme_bash_style_commands(te_found):
     assert _rendezvous_part(static) == ["--node-rank", "2", "--master-addr", "node0", "--master-port", "29500"]
     assert _rendezvous_part(c10d) == ["--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29500",
                                       "--rdzv-id", "cumo-stage3"]
-    assert static[static.index("-m"):] == c10d[c10d.index("-m"):]  # the same training, however they meet
+    assert _training_part(static) == _training_part(c10d)  # the same training, however they meet
     assert result.stderr == ""  # MASTER_ADDR names node 0: no loopback warning
 
 

@@ -50,6 +50,11 @@ def config_file(stage: int, model: str) -> Path:
     return CONFIGS / f"stage{stage}_{model}.yaml"
 
 
+# The command bash style runs by default: torchrun through cumo_megatron.torchrun, with the
+# Python that runs the launcher (clean_env hands the scripts this test's interpreter).
+LAUNCHER = [sys.executable, "-m", "cumo_megatron.torchrun"]
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without launcher variables, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
@@ -162,7 +167,7 @@ def test_script_is_valid_bash_and_valid_python(stage):
 
 
 def _torchrun_line(stdout: str) -> list[str]:
-    lines = [line for line in stdout.splitlines() if line.startswith("torchrun ")]
+    lines = [line for line in stdout.splitlines() if line.startswith(shlex.join(LAUNCHER) + " ")]
     assert len(lines) == 1, stdout
     return shlex.split(lines[0])
 
@@ -183,7 +188,7 @@ def test_bash_style_dry_run_prints_the_multi_node_torchrun_command(te_found):
         "train.train_steps=10", "train.save_interval=5", "train.lr=1e-5",
     ]
     assert _torchrun_line(result.stdout) == [
-        "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--node-rank", "2",
+        *LAUNCHER, "--nnodes", "4", "--nproc-per-node", "8", "--node-rank", "2",
         "--master-addr", "node0.cluster", "--master-port", "6001",
         "-m", "cumo_megatron.train", "--config", config, *overrides,
     ]
@@ -202,7 +207,7 @@ def test_bash_style_defaults_and_refusals(te_found):
     result = run_script(["bash", str(SCRIPTS[1])], clean_env(DRY_RUN="1", PYTHONPATH=te_found))
     assert result.returncode == 0, result.stderr
     assert _torchrun_line(result.stdout) == [
-        "torchrun", "--nnodes", "1", "--nproc-per-node", "8", "--node-rank", "0",
+        *LAUNCHER, "--nnodes", "1", "--nproc-per-node", "8", "--node-rank", "0",
         "--master-addr", "localhost", "--master-port", "29500",
         "-m", "cumo_megatron.train", "--config", str(config_file(1, "cumo_7b_mistral")),
     ]

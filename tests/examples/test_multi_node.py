@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -53,7 +52,7 @@ def launch_nodes(config: Path, save: Path, nodes: list[dict[str, str]]) -> list[
     """
     mark = uuid.uuid4().hex
     common = dict(CONFIG=str(config), SAVE=str(save), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                  TORCHRUN=f"{sys.executable} -m torch.distributed.run", CUMO_CPU_THREADS="1",
+                  CUMO_CPU_THREADS="1",
                   OMP_NUM_THREADS="1", **{_LAUNCH_MARK: mark})
     procs = []
     try:
@@ -112,7 +111,7 @@ def test_two_nodes_form_one_job_and_train_like_one_node(rendezvous, tiny_config,
 
     # Each launcher ran the rendezvous flags of its kind, and warned about the loopback address.
     for rank, result in enumerate(results):
-        command, = [line for line in result.stdout.splitlines() if " -m torch.distributed.run " in line]
+        command, = [line for line in result.stdout.splitlines() if " -m cumo_megatron.torchrun " in line]
         if rendezvous == "static":
             assert f"--node-rank {rank} --master-addr 127.0.0.1 --master-port " in command
         else:

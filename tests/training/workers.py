@@ -135,7 +135,8 @@ def launch(config: Path, overrides: list[str] = (), nproc: int = 1, env: dict | 
     if nproc == 1:
         cmd = [sys.executable, "-m", "cumo_megatron.train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        # As the stage scripts launch: torchrun that exits with the failed rank's status.
+        cmd = [sys.executable, "-m", "cumo_megatron.torchrun", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cumo_megatron.train"]
     cmd += ["--config", str(config), *overrides]
     full_env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
