@@ -18,14 +18,15 @@ def count_calls(session) -> list[int]:
     return sizes
 
 
-def run_sharded(load: str, questions: str, answers: str, batch_size: int, max_new_tokens: int) -> dict:
-    """Load ``load`` at TP = PP = 1 (data parallel over the world) and run the questions."""
+def run_sharded(load: str, questions: str, answers: str, batch_size: int, max_new_tokens: int,
+                tp: int = 1, pp: int = 1) -> dict:
+    """Load ``load`` at ``tp`` x ``pp`` (data parallel over the rest of the world) and run the questions."""
     import torch
 
     from cumo_megatron.evaluation.questions import load_questions
     from cumo_megatron.evaluation.runner import load_session, run_questions
 
-    session = load_session(load)
+    session = load_session(load, tp=tp, pp=pp)
     sizes = count_calls(session)
     result = run_questions(session, load_questions(questions), Path(answers), model_id="tiny",
                            batch_size=batch_size, max_new_tokens=max_new_tokens, progress=False)

@@ -1,5 +1,5 @@
 """The evaluation runner on a tiny random CuMo release: LLaVA answer lines, each answer the model's
-answer to that question asked alone, the same answers sharded over 2 data-parallel ranks, and a
+answer to that question asked alone, the same answers on 2 ranks (data, tensor or pipeline parallel), and a
 resumed run that generates only what is missing."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from cumo_megatron.evaluation.runner import load_session, model_id_for, run_ques
 from tests.evaluation.runner_workers import count_calls
 from tests.fixtures.tiny_models import save_cumo_release, save_images, tiny_sentencepiece
 from tests.helpers.distributed import run_distributed
+from tests.helpers.tools import load_tool
 
 MAX_NEW = 6
 
@@ -32,6 +33,9 @@ def setup(tmp_path_factory):
     rows.insert(3, {"question_id": "text-only", "text": "How many sides has a square?"})
     questions = root / "questions.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A release loads on the fly at TP = PP = 1 only: split over ranks, the converted checkpoint.
+    converted = root / "converted"
+    assert load_tool("upcycle_checkpoint").main(["--cumo", str(release.path), "--out", str(converted), "--quiet"]) == 0
     session = load_session(release.path)
     return root, release, questions, session
 
@@ -69,13 +73,17 @@ def test_answer_lines_are_llavas_and_each_is_the_question_asked_alone(setup, wor
     assert len({line["text"] for line in lines}) > 1  # random weights still tell the questions apart
 
 
-def test_two_data_parallel_ranks_give_the_same_answers(setup, world_one):
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)], ids=["dp2", "tp2", "pp2"])
+def test_two_ranks_give_the_same_answers(setup, world_one, tp, pp):
+    """Two ranks as data parallel (each asks half the questions) or as one model split by TP or PP
+    (both ask all of them), as `tools/evaluate.py run --tp/--pp` lays them out."""
     root, release, questions, _ = setup
-    answers = root / "w2" / "answers.jsonl"
+    answers = root / f"w2-tp{tp}-pp{pp}" / "answers.jsonl"
     ranks = run_distributed("tests.evaluation.runner_workers:run_sharded", world_size=2, args={
-        "load": str(release.path), "questions": str(_with_images(questions, root)), "answers": str(answers),
-        "batch_size": 2, "max_new_tokens": MAX_NEW})
-    assert sorted(r["asked"] for r in ranks) == [3, 4]  # 7 questions split over the two ranks
+        "load": str(release.path if tp * pp == 1 else root / "converted"), "questions": str(_with_images(questions, root)),
+        "answers": str(answers), "batch_size": 2, "max_new_tokens": MAX_NEW, "tp": tp, "pp": pp})
+    # 7 questions split over two data-parallel ranks, or all of them on both ranks of one model.
+    assert sorted(r["asked"] for r in ranks) == ([3, 4] if tp * pp == 1 else [7, 7])
     assert all(r["generated"] == 7 for r in ranks)
     assert _texts(answers) == _texts(world_one[0])
     assert [json.loads(line)["question_id"] for line in answers.read_text().splitlines()] == [0, 1, 2, "text-only", 3, 4, 5]
