@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cumo_megatron.research.results_csv import SweepRow, read_fit_rows  # noqa: E402
-from cumo_megatron.research.scaling_law import fit_sweep  # noqa: E402
+from cumo_megatron.research.scaling_law import available_cpus, fit_sweep  # noqa: E402
 
 VISIONS = {"ViT-B/16": 86_192_640, "ViT-L/14": 303_966_208, "ViT-H/14": 632_076_800, "ViT-g/14": 1_012_657_920}
 LLMS = {"7B": 7_000_000_000, "13B": 13_000_000_000}
@@ -111,7 +111,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--resamples", type=int, default=200, help="bootstrap resamples per fit (the tool's default: 200)")
     p.add_argument("--revision", default="c732944", help="git revision of the old torch fitter")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--workers", type=int, default=available_cpus(),
                    help="the new fitter's processes (default: as tools/fit_scaling_law.py, one per available CPU)")
     args = p.parse_args()
 

@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--huber-delta", type=float, default=1e-3, help="Huber threshold on log residuals")
     p.add_argument("--plot", type=Path, default=None, help="PNG path (default: <csv stem>_fit.png next to the CSV)")
     p.add_argument("--json", type=Path, default=None, help="JSON path (default: <csv stem>_fit.json next to the CSV)")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
+    p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes fitting in parallel (default: the CPUs this process may use; 1: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--confidence must be in (0, 1)")
     if not args.huber_delta > 0:
         p.error("--huber-delta must be > 0")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         p.error("--workers must be >= 1")
     return args
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     """Fit, print the tables, write PNG and JSON, print the JSON line; return the exit status."""
     args = parse_args(argv)
     from cumo_megatron.research.results_csv import read_fit_rows
-    from cumo_megatron.research.scaling_law import default_output, fit_sweep
+    from cumo_megatron.research.scaling_law import available_cpus, default_output, fit_sweep
     from cumo_megatron.research.scaling_plot import plot_scaling
 
     if not args.csv.is_file():
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         report = fit_sweep(
             read_fit_rows(args.csv, group_by), epsilon=args.epsilon, resamples=args.bootstrap, seed=args.seed,
             confidence=args.confidence, delta=args.huber_delta, source=str(args.csv), progress=progress,
-            workers=args.workers,
+            workers=args.workers or available_cpus(),
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -27,6 +27,7 @@ import functools
 import itertools
 import math
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -723,9 +724,9 @@ class _FitSettings:
 
 
 def _fit_report(report: FitReport, index: int, settings: _FitSettings,
-                tick: Optional[Callable[[], None]] = None) -> FitReport:
+                tick: Optional[Callable[..., None]] = None) -> FitReport:
     """``report`` with its fit, bootstrap intervals and saturation point filled in (or why it was
-    skipped); ``tick()`` after each bootstrap draw. Module-level so that worker processes can run it."""
+    skipped); ``tick()`` after each bootstrap draw (``tick(resamples)`` at once for a skipped fit). Module-level so that worker processes can run it."""
     report.skipped = _skip_reason(report)
     if report.skipped is None:
         try:
@@ -747,6 +748,13 @@ def _fit_report(report: FitReport, index: int, settings: _FitSettings,
     return report
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one, as on Linux), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def default_output(csv_path, suffix: str) -> Path:
     """``<csv folder>/<csv stem>_fit<suffix>``: where the tool writes its PNG and JSON by default."""
     csv_path = Path(csv_path)
@@ -756,5 +764,5 @@ def default_output(csv_path, suffix: str) -> Path:
 __all__ = [
     "CURVE", "JOINT", "PARAM_NAMES", "FORMULAS", "PowerLawFit", "predict", "saturation_data_size",
     "fit_power_law", "fit_curve", "fit_joint", "Bootstrap", "bootstrap", "FitReport", "ScalingReport",
-    "fit_sweep", "default_output",
+    "fit_sweep", "available_cpus", "default_output",
 ]

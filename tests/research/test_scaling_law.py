@@ -358,7 +358,7 @@ def test_cli_accepts_the_paper_table_and_group_by(paper_csv, tmp_path, capsys):
     assert all(c["bootstrap_used"] >= 1 and c["ci"]["beta"][0] <= c["ci"]["beta"][1] for c in printed["curves"])
     assert (tmp_path / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert cli.main(args[:1] + ["--group-by", "", "--bootstrap", "0"] + args[3:]) == 0
+    assert cli.main(args[:1] + ["--group-by", "", "--bootstrap", "0", "--workers", "1"] + args[3:]) == 0
     merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(merged["curves"]) == 8 and "group" not in merged["curves"][0]
 
