@@ -303,13 +303,14 @@ class TrainConfig:
     loss_scale_window: int = 1000
     loss_scale_hysteresis: int = 2
     min_loss_scale: float = 1.0
-    # Throughput switches (training.performance); None: automatic (overlaps off: megatron's
-    # overlapped reduce needs a gradient for every parameter in every step's last micro-batch, and
-    # text-only micro-batches and token-less connector experts give none; variable sequence
-    # lengths wherever parallel.pp > 1 allows them).
+    # Throughput switches (training.performance); None: automatic (overlapped gradient reduce on
+    # with CUDA, parameter gather off; variable sequence lengths wherever parallel.pp > 1 allows).
     overlap_grad_reduce: Optional[bool] = None
     overlap_param_gather: Optional[bool] = None  # needs distributed_optimizer
     variable_seq_lengths: Optional[bool] = None
+    # Parameters per DDP gradient bucket (megatron-LM's --ddp-bucket-size); None: megatron's
+    # default (max(4e7, 1e6 x DP)). Smaller buckets start their overlapped reduce sooner.
+    ddp_bucket_size: Optional[int] = None
 
     def validate(self) -> None:
         """Positive sizes and a sane schedule."""
@@ -331,6 +332,8 @@ class TrainConfig:
             raise ConfigError("train.loss_scale_window and train.loss_scale_hysteresis must be >= 1")
         if self.overlap_param_gather and not self.distributed_optimizer:
             raise ConfigError("train.overlap_param_gather=true needs train.distributed_optimizer=true")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"train.ddp_bucket_size must be >= 1 (or null for megatron's default), got {self.ddp_bucket_size}")
         if self.eval_interval < 0:
             raise ConfigError(f"train.eval_interval must be >= 0 (0: validate only at the end), got {self.eval_interval}")
 

@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from cumo_megatron.config.schema import ModelConfig, ParallelConfig
@@ -277,13 +278,15 @@ def wrap_ddp(
     overlap_grad_reduce: bool = False,
     overlap_param_gather: bool = False,
     grad_reduce_in_fp32: bool = True,
+    bucket_size: Optional[int] = None,
 ):
     """megatron DDP around a placed chunk, with `finalize_model_grads` wired into its config.
 
     Gradients are reduced in fp32 whatever the compute dtype (megatron-LM's default for bf16).
     With ``overlap_grad_reduce`` the schedule gets DDP's ``no_sync`` (no reduction before the last
     micro-batch) and ``start_grad_sync`` (bucket reductions start during the last backward), as
-    megatron-LM wires them; ``finalize_model_grads`` waits for them. ``overlap_param_gather``
+    megatron-LM wires them; ``finalize_model_grads`` waits for them (`defer_skippable_buckets`: when
+    a bucket may start). ``overlap_param_gather``
     (distributed optimizer only) defers the all-gather of updated weights to forward pre-hooks of
     the next step: see `params_gathered` before reading the weights outside a forward.
     """
@@ -298,12 +301,91 @@ def wrap_ddp(
         overlap_grad_reduce=overlap_grad_reduce,
         overlap_param_gather=overlap_param_gather and use_distributed_optimizer,
         use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=bucket_size,
     )
     wrapped = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk)
+    if overlap_grad_reduce:
+        defer_skippable_buckets(wrapped)
     chunk.config.finalize_model_grads_func = finalize_model_grads
     chunk.config.no_sync_func = wrapped.no_sync if overlap_grad_reduce else None
     chunk.config.grad_sync_func = wrapped.start_grad_sync if overlap_grad_reduce else None
     return wrapped
+
+
+# Top-level submodules of a CuMo chunk that a micro-batch may leave unused: a text-only
+# micro-batch never runs the vision tower nor the connector, and the connector's MoE skips an
+# expert that gets no token. The LLM's parameters get a gradient in every backward (megatron's
+# SequentialMLP and grouped GEMMs run experts on empty inputs too).
+SKIPPABLE_MODULES = ("vision", "connector")
+
+
+class _SkippableGradsBucketGroup(_ParamAndGradBucketGroup):
+    """A DDP bucket group whose overlapped reduce starts early only where that is the same on
+    every data-parallel rank.
+
+    megatron (0.16) starts a bucket's reduce during the last micro-batch's backward once the
+    parameters that reported a gradient equal those of the first step ("golden" counts), and
+    asserts at the end of the first step that every parameter reported one. CuMo's do not
+    always: a text-only micro-batch skips the towers, an expert may get no token. Then the
+    reduce never starts (an assertion in ``finish_grad_sync``), or starts on one rank during the
+    backward and on another only at its end: collectives issued in different orders on
+    different ranks, which NCCL and gloo match by order. Here a bucket with a parameter of a
+    `SKIPPABLE_MODULES` module starts its reduce only in ``finish_grad_sync`` (the same point
+    and order on every rank, as without overlap); any other bucket starts when all of its
+    parameters have their gradient (which no later gradient can change), else in
+    ``finish_grad_sync`` too.
+    """
+
+    issue_early: bool = True
+
+    def reset(self) -> None:
+        """Forget this step's gradient reports (no golden counts: see the class)."""
+        self.per_param_grad_ready_counts = {}
+        self.is_last_microbatch = True
+
+    def register_grad_ready(self, param: torch.nn.Parameter, force_all_reduce: Optional[bool] = False) -> None:
+        """Count ``param``'s gradient; start the reduce when the bucket may and is complete."""
+        assert self.ddp_config.overlap_grad_reduce, "register_grad_ready() needs overlap_grad_reduce"
+        if not self.is_last_microbatch:
+            return
+        counts = self.per_param_grad_ready_counts
+        counts[param] = counts.get(param, 0) + 1
+        if self.issue_early and len(counts) == len(self.params):
+            self.start_grad_sync(force_all_reduce=force_all_reduce)
+
+    def start_grad_sync(self, force_all_reduce: Optional[bool] = False) -> None:
+        """Start the reduce unless it already runs (the schedules' ``grad_sync_func`` may ask
+        again after the backward started it; megatron asserts there outside its first step)."""
+        if self.ddp_config.overlap_grad_reduce and self.grad_reduce_handle is not None:
+            return
+        super().start_grad_sync(force_all_reduce=force_all_reduce)
+
+    def finish_grad_sync(self, force_all_reduce: Optional[bool] = False) -> None:
+        """Start the reduce if nothing did yet, then wait for it (megatron's own wait)."""
+        if self.ddp_config.overlap_grad_reduce:
+            self.start_grad_sync(force_all_reduce=force_all_reduce)
+        super().finish_grad_sync(force_all_reduce=force_all_reduce)
+
+
+def skippable_parameters(module: torch.nn.Module) -> set[int]:
+    """ids of the parameters of ``module``'s `SKIPPABLE_MODULES` (found through DDP and
+    ``Float16Module`` wrappers)."""
+    found: set[int] = set()
+    for name, param in module.named_parameters():
+        if any(part in SKIPPABLE_MODULES for part in name.split(".")[:-1]):
+            found.add(id(param))
+    return found
+
+
+def defer_skippable_buckets(ddp) -> None:
+    """Make every bucket group of megatron DDP ``ddp`` a `_SkippableGradsBucketGroup`."""
+    # megatron builds its bucket groups inside DDP's constructor with no way to pass a class;
+    # re-classing the built groups keeps all their state (buffers, hooks' lookups) as it is.
+    skippable = skippable_parameters(ddp.module)
+    for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+        group.__class__ = _SkippableGradsBucketGroup
+        group.issue_early = not any(id(p) in skippable for p in group.params)
+        group.is_first_batch = False  # megatron's golden-count bookkeeping is not used
 
 
 @contextlib.contextmanager

@@ -162,6 +162,7 @@ class Trainer:
             use_distributed_optimizer=train.distributed_optimizer,
             overlap_grad_reduce=self.throughput.overlap_grad_reduce,
             overlap_param_gather=self.throughput.overlap_param_gather,
+            bucket_size=train.ddp_bucket_size,
         )
         self.optimizer = build_optimizer(
             [self.ddp],

@@ -187,3 +187,23 @@ def test_collectives_use_the_gpu_under_nccl(world_of_one, monkeypatch):
     monkeypatch.setattr(parallelize.dist, "get_backend", lambda group=None: "nccl")
     monkeypatch.setattr(parallelize, "training_device", lambda: torch.device("cuda", 3))
     assert parallelize.comm_device() == torch.device("cuda", 3)
+
+
+def test_overlapped_reduce_starts_early_only_buckets_without_skippable_parameters(world_of_one):
+    """With small buckets the tiny CuMo gets several bucket groups: those holding only LLM
+    parameters start their reduce during the backward, any holding a parameter of the vision
+    tower or the connector (which a micro-batch may leave without a gradient) at its end."""
+    cfg = tiny(moe=True)
+    model = parallelize.place(build_model(cfg, ParallelConfig()), parallelize.placement_for(cfg))
+    ddp = parallelize.wrap_ddp(model, use_distributed_optimizer=True, overlap_grad_reduce=True, bucket_size=2000)
+    groups = ddp.bucket_groups + ddp.expert_parallel_bucket_groups
+    names = {param: name for name, param in model.named_parameters()}
+    assert len(groups) > 2
+    for group in groups:
+        skippable = [names[p] for p in group.params if names[p].split(".")[0] in ("vision", "connector")]
+        assert isinstance(group, parallelize._SkippableGradsBucketGroup)
+        assert group.issue_early == (not skippable) and not group.is_first_batch
+    assert {g.issue_early for g in groups} == {True, False}
+    # Without the overlap megatron's groups stay as they are (one reduce after the backward).
+    plain = parallelize.wrap_ddp(build_model(cfg, ParallelConfig()), use_distributed_optimizer=True)
+    assert not any(isinstance(g, parallelize._SkippableGradsBucketGroup) for g in plain.bucket_groups)
