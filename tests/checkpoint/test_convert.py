@@ -365,10 +365,12 @@ def test_conversion_killed_half_way_leaves_nothing(sources, tmp_path):
     # Both runs at once (each start costs seconds of imports).
     term_proc = _start_cli([*args, "--out", str(terminated)], slow)
     kill_proc = _start_cli([*args, "--out", str(killed)], slow)
+    # Each is signalled as soon as it writes: waiting for the other first could let it finish
+    # (on a loaded machine one start can take as long as the other's whole slowed conversion).
     _wait_for_temp(terminated, term_proc)
-    _wait_for_temp(killed, kill_proc)
     # SIGTERM: the tool cleans up and exits non-zero.
     term_proc.send_signal(signal.SIGTERM)
+    _wait_for_temp(killed, kill_proc)
     # SIGKILL: no chance to clean up, but no output directory appears.
     kill_proc.kill()
     _, err = term_proc.communicate(timeout=180)
