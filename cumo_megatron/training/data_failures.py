@@ -33,13 +33,12 @@ def next_microbatches(data_iter: Iterator[dict], count: int) -> list[dict]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         flag = torch.tensor([0.0 if error is None else 1.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and error is None:
+        if flag.item():  # one host sync a step (on a GPU), the only one this adds
             messages: list = [None] * dist.get_world_size()
-            dist.all_gather_object(messages, None)
-            rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
-            raise DataError(f"rank {rank} stopped on bad data: {message}")
-        if flag.item():
-            dist.all_gather_object([None] * dist.get_world_size(), str(error))
+            dist.all_gather_object(messages, None if error is None else str(error))
+            if error is None:
+                rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+                raise DataError(f"rank {rank} stopped on bad data: {message}")
     if error is not None:
         raise error
     return batches
