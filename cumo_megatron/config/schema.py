@@ -303,8 +303,8 @@ class TrainConfig:
     loss_scale_window: int = 1000
     loss_scale_hysteresis: int = 2
     min_loss_scale: float = 1.0
-    # Throughput switches (training.performance); None: automatic (overlapped gradient reduce on
-    # with CUDA, parameter gather off; variable sequence lengths wherever parallel.pp > 1 allows).
+    # Throughput switches (training.performance); None: automatic (overlapped gradient reduce and
+    # parameter gather on with CUDA; variable sequence lengths wherever parallel.pp > 1 allows).
     overlap_grad_reduce: Optional[bool] = None
     overlap_param_gather: Optional[bool] = None  # needs distributed_optimizer
     variable_seq_lengths: Optional[bool] = None

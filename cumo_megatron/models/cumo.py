@@ -87,14 +87,17 @@ class CuMoModel(MegatronModule):
     def embed(self, input_ids_bs: torch.Tensor, images_bchw: Optional[torch.Tensor]) -> torch.Tensor:
         """Text embeddings with image features spliced in, ``[s, b, h]`` (full sequence)."""
         image_positions_bs = input_ids_bs == self.image_token_id
+        has_images = images_bchw is not None and images_bchw.shape[0] > 0
+        if not has_images and bool(image_positions_bs.any()):
+            raise ValueError("input_ids contain image placeholders but no images were given")
+        # The towers run before the text embedding: the order in which the modules are
+        # registered, which is the order megatron lays out (and gathers) their parameters in
+        # (`parallelize.order_bucket_collectives`).
+        features_nth = self.image_features(images_bchw) if has_images else None
         text_ids_bs = input_ids_bs.masked_fill(image_positions_bs, 0)
         text_sbh = self.language_model.embedding(input_ids=text_ids_bs, position_ids=None)
-        has_images = images_bchw is not None and images_bchw.shape[0] > 0
-        if not has_images:
-            if bool(image_positions_bs.any()):
-                raise ValueError("input_ids contain image placeholders but no images were given")
+        if features_nth is None:
             return text_sbh
-        features_nth = self.image_features(images_bchw)
         combined_bsh = splice_image_features(text_sbh.transpose(0, 1), features_nth, image_positions_bs)
         return combined_bsh.transpose(0, 1).contiguous()
 

@@ -285,10 +285,11 @@ def wrap_ddp(
     Gradients are reduced in fp32 whatever the compute dtype (megatron-LM's default for bf16).
     With ``overlap_grad_reduce`` the schedule gets DDP's ``no_sync`` (no reduction before the last
     micro-batch) and ``start_grad_sync`` (bucket reductions start during the last backward), as
-    megatron-LM wires them; ``finalize_model_grads`` waits for them (`defer_skippable_buckets`: when
+    megatron-LM wires them; ``finalize_model_grads`` waits for them (`order_bucket_collectives`: when
     a bucket may start). ``overlap_param_gather``
-    (distributed optimizer only) defers the all-gather of updated weights to forward pre-hooks of
-    the next step: see `params_gathered` before reading the weights outside a forward.
+    (distributed optimizer only) defers the all-gather of updated weights to the next step's
+    forward (`order_bucket_collectives`: in which order): see `params_gathered` before reading
+    the weights outside a forward.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -304,8 +305,8 @@ def wrap_ddp(
         bucket_size=bucket_size,
     )
     wrapped = DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk)
-    if overlap_grad_reduce:
-        defer_skippable_buckets(wrapped)
+    if overlap_grad_reduce or ddp_config.overlap_param_gather:
+        order_bucket_collectives(wrapped)
     chunk.config.finalize_model_grads_func = finalize_model_grads
     chunk.config.no_sync_func = wrapped.no_sync if overlap_grad_reduce else None
     chunk.config.grad_sync_func = wrapped.start_grad_sync if overlap_grad_reduce else None
@@ -319,24 +320,36 @@ def wrap_ddp(
 SKIPPABLE_MODULES = ("vision", "connector")
 
 
-class _SkippableGradsBucketGroup(_ParamAndGradBucketGroup):
-    """A DDP bucket group whose overlapped reduce starts early only where that is the same on
-    every data-parallel rank.
+class _RankOrderedBucketGroup(_ParamAndGradBucketGroup):
+    """A DDP bucket group whose overlapped collectives run in the same order on every
+    data-parallel rank, whichever modules a rank's micro-batches use.
 
-    megatron (0.16) starts a bucket's reduce during the last micro-batch's backward once the
-    parameters that reported a gradient equal those of the first step ("golden" counts), and
-    asserts at the end of the first step that every parameter reported one. CuMo's do not
-    always: a text-only micro-batch skips the towers, an expert may get no token. Then the
-    reduce never starts (an assertion in ``finish_grad_sync``), or starts on one rank during the
-    backward and on another only at its end: collectives issued in different orders on
-    different ranks, which NCCL and gloo match by order. Here a bucket with a parameter of a
-    `SKIPPABLE_MODULES` module starts its reduce only in ``finish_grad_sync`` (the same point
-    and order on every rank, as without overlap); any other bucket starts when all of its
-    parameters have their gradient (which no later gradient can change), else in
-    ``finish_grad_sync`` too.
+    NCCL and gloo match collectives by the order each rank issues them. megatron (0.16) issues
+    them as modules run, which is the same everywhere only if every rank runs the same modules;
+    CuMo's do not: a text-only micro-batch skips the vision tower and the connector, and an
+    expert may get no token.
+
+    **Gradient reduce** (``overlap_grad_reduce``). megatron starts a bucket's reduce during the
+    last micro-batch's backward once the parameters that reported a gradient equal those of the
+    first step ("golden" counts), and asserts at the end of the first step that every parameter
+    reported one. Here a bucket with a parameter of a `SKIPPABLE_MODULES` module
+    (``issue_early`` false) starts its reduce only in ``finish_grad_sync`` (the same point and
+    order on every rank, as without overlap); any other bucket starts when all of its parameters
+    have their gradient (which no later gradient can change), else in ``finish_grad_sync`` too.
+
+    **Parameter gather** (``overlap_param_gather``). megatron gathers the updated weights in the
+    next forward: a module's pre-hook waits for its group's all-gather, and each wait dispatches
+    the next group's. A rank whose first micro-batch is text-only would start with an LLM
+    group's gather while a rank with images starts with the tower's. Here the first pre-hook of
+    a step dispatches every group's gather, in ``gather_order`` (the same list on every rank),
+    before any other collective of the step; each hook then only waits for its own group, and
+    ``finish_grad_sync`` waits for those no module of this rank used, before the optimizer
+    writes the weights again. The gathers still overlap the forward: only the first module
+    waits for the first group.
     """
 
     issue_early: bool = True
+    gather_order: tuple = ()  # every bucket group of the DDP module, dispatch order
 
     def reset(self) -> None:
         """Forget this step's gradient reports (no golden counts: see the class)."""
@@ -361,10 +374,21 @@ class _SkippableGradsBucketGroup(_ParamAndGradBucketGroup):
         super().start_grad_sync(force_all_reduce=force_all_reduce)
 
     def finish_grad_sync(self, force_all_reduce: Optional[bool] = False) -> None:
-        """Start the reduce if nothing did yet, then wait for it (megatron's own wait)."""
+        """Wait for a gather that no module waited for; start the reduce if nothing did yet,
+        then wait for it (megatron's own wait, which also marks the gathers as done)."""
+        if self.ddp_config.overlap_param_gather and self.param_gather_handle is not None:
+            super().finish_param_sync(skip_next_bucket_dispatch=True)
         if self.ddp_config.overlap_grad_reduce:
             self.start_grad_sync(force_all_reduce=force_all_reduce)
         super().finish_grad_sync(force_all_reduce=force_all_reduce)
+
+    def finish_param_sync(self, skip_next_bucket_dispatch: bool = False) -> None:
+        """Wait for this group's gathered weights; the step's first call dispatches all gathers."""
+        if not self.param_gather_dispatched:
+            for group in self.gather_order:
+                if not group.param_gather_dispatched:
+                    group.start_param_sync()
+        super().finish_param_sync(skip_next_bucket_dispatch=True)
 
 
 def skippable_parameters(module: torch.nn.Module) -> set[int]:
@@ -377,15 +401,20 @@ def skippable_parameters(module: torch.nn.Module) -> set[int]:
     return found
 
 
-def defer_skippable_buckets(ddp) -> None:
-    """Make every bucket group of megatron DDP ``ddp`` a `_SkippableGradsBucketGroup`."""
+def order_bucket_collectives(ddp) -> None:
+    """Make every bucket group of megatron DDP ``ddp`` a `_RankOrderedBucketGroup`."""
     # megatron builds its bucket groups inside DDP's constructor with no way to pass a class;
     # re-classing the built groups keeps all their state (buffers, hooks' lookups) as it is.
     skippable = skippable_parameters(ddp.module)
-    for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
-        group.__class__ = _SkippableGradsBucketGroup
+    # megatron's own gather order: each group list in reverse (buckets are laid out from the
+    # last parameter to the first, so this is the order in which the forward meets them).
+    gather_order = tuple(reversed(ddp.bucket_groups)) + tuple(reversed(ddp.expert_parallel_bucket_groups))
+    for group in gather_order:
+        group.__class__ = _RankOrderedBucketGroup
         group.issue_early = not any(id(p) in skippable for p in group.params)
         group.is_first_batch = False  # megatron's golden-count bookkeeping is not used
+        group.gather_order = gather_order
+        group.next_param_gather_bucket_group = None  # all gathers start together (the class)
 
 
 @contextlib.contextmanager

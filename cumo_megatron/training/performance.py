@@ -19,22 +19,21 @@ What is on by default with CUDA, and why the rest is not:
 - ``masked_softmax_fusion`` and ``persist_layer_norm``: never. The first only reaches megatron's
   own ``DotProductAttention`` (the local spec uses SDPA, TE its fused attention); the second only
   apex's ``FusedLayerNorm`` (our norms are torch or TE's, and torch's asserts it is off).
-- ``overlap_grad_reduce`` (DDP reduces gradient buckets during the backward): **on with CUDA**.
-  megatron's own rule (start a bucket once the parameters with a gradient equal the first
-  step's) breaks on CuMo, whose text-only micro-batches skip the towers and whose connector
-  experts may get no token: it asserts, or ranks issue the reductions in different orders.
-  `models.parallelize.defer_skippable_buckets` replaces it: buckets holding only LLM parameters
-  start as soon as they are complete, any bucket with a vision or connector parameter at the end
-  of the backward, in the same order on every rank (tests/training/test_overlap.py: stage 3
-  with text-only micro-batches and small buckets matches the synchronous run on 2 gloo ranks;
-  with megatron's rule it asserts). ``train.ddp_bucket_size`` sets the bucket size.
-- ``overlap_param_gather`` (the distributed optimizer's all-gather runs in the next forward's
-  pre-hooks; needs ``train.distributed_optimizer``, and megatron-LM also asks for the first):
-  **off unless asked for**. megatron dispatches the gathers along the modules' forward order,
-  one bucket group's hook starting the next; a micro-batch that skips the towers skips their
-  hooks, so ranks could dispatch gathers in different orders. Where every module runs (stage 2,
-  images in every sample) it matches the synchronous run on gloo, saves included
-  (`models.parallelize.params_gathered`; tests/training/test_overlap.py).
+- ``overlap_grad_reduce`` (DDP reduces gradient buckets during the backward) and
+  ``overlap_param_gather`` (the distributed optimizer's all-gather of updated weights runs during
+  the next forward; needs ``train.distributed_optimizer``, the default): **on with CUDA**.
+  megatron issues both collectives as modules run, and CuMo's ranks do not run the same modules:
+  text-only micro-batches skip the towers and the connector, connector experts may get no token.
+  megatron's reduce then asserts (a parameter without a gradient in a step's last micro-batch)
+  and its gathers, chained through forward pre-hooks, start in different orders on different
+  ranks (a text-only first micro-batch begins with the LLM's). NCCL and gloo match collectives
+  by order. `models.parallelize.order_bucket_collectives` fixes one order: buckets holding only
+  LLM parameters start their reduce as soon as they are complete, any with a vision or
+  connector parameter at the end of the backward; the step's first pre-hook dispatches every
+  group's gather in one order (tests/training/test_overlap.py: stage 3 with text-only
+  micro-batches and small buckets matches the synchronous run on 2 gloo ranks;
+  tests/models/test_parallelize.py: the gathers' order does not depend on which modules run).
+  ``train.ddp_bucket_size`` sets the bucket size.
 - ``variable_seq_lengths``: under PP every micro-batch is padded to its own longest sample and
   megatron's schedule sends each shape before the tensor, instead of padding everything to
   ``data.max_length``. On wherever PP > 1, CPU included, except for an MoE LLM with the
@@ -134,10 +133,9 @@ def throughput_settings(cfg, cuda: bool, te: bool, apex: bool = False) -> Throug
         )
     return ThroughputSettings(
         **fusion_settings(model, cuda, te, apex),
-        # The reduce with CUDA (buckets started as `parallelize.defer_skippable_buckets` allows);
-        # the gather only when asked for (module docstring).
+        # Both with CUDA, in the order `parallelize.order_bucket_collectives` fixes (module docstring).
         overlap_grad_reduce=_pick(train.overlap_grad_reduce, cuda),
-        overlap_param_gather=_pick(train.overlap_param_gather, False) and train.distributed_optimizer,
+        overlap_param_gather=_pick(train.overlap_param_gather, cuda) and train.distributed_optimizer,
         variable_seq_lengths=parallel.pp > 1 and _pick(train.variable_seq_lengths, not llm_allgather),
         async_save=False,
     )

@@ -201,9 +201,84 @@ def test_overlapped_reduce_starts_early_only_buckets_without_skippable_parameter
     assert len(groups) > 2
     for group in groups:
         skippable = [names[p] for p in group.params if names[p].split(".")[0] in ("vision", "connector")]
-        assert isinstance(group, parallelize._SkippableGradsBucketGroup)
+        assert isinstance(group, parallelize._RankOrderedBucketGroup)
         assert group.issue_early == (not skippable) and not group.is_first_batch
     assert {g.issue_early for g in groups} == {True, False}
-    # Without the overlap megatron's groups stay as they are (one reduce after the backward).
+    # Without the overlaps megatron's groups stay as they are (one reduce after the backward).
     plain = parallelize.wrap_ddp(build_model(cfg, ParallelConfig()), use_distributed_optimizer=True)
-    assert not any(isinstance(g, parallelize._SkippableGradsBucketGroup) for g in plain.bucket_groups)
+    assert not any(isinstance(g, parallelize._RankOrderedBucketGroup) for g in plain.bucket_groups)
+
+
+def _gather_orders(monkeypatch, ddp, micro_batches, end_step) -> list[list[int]]:
+    """Per forward of ``ddp`` on each micro-batch (one step each, closed by ``end_step(ddp)``):
+    the bucket groups whose parameter all-gather it dispatched, in dispatch order (indices into
+    DDP's group lists)."""
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+    groups = ddp.bucket_groups + ddp.expert_parallel_bucket_groups
+    dispatched: list[int] = []
+    original = _ParamAndGradBucketGroup.start_param_sync
+
+    def recording(self, force_sync=False):
+        if not force_sync:
+            dispatched.append(next(i for i, g in enumerate(groups) if g is self))
+        return original(self, force_sync=force_sync)
+
+    orders = []
+    with monkeypatch.context() as patch:
+        patch.setattr(_ParamAndGradBucketGroup, "start_param_sync", recording)
+        for batch in micro_batches:
+            dispatched.clear()
+            ddp(input_ids=batch["input_ids"], images=batch["images"], labels=batch["labels"])
+            end_step(ddp)
+            orders.append(list(dispatched))
+    return orders
+
+
+def test_overlapped_gathers_run_in_one_order_whichever_modules_run(world_of_one, monkeypatch):
+    """Under ``overlap_param_gather`` a rank whose micro-batch is text-only (no tower, no
+    connector) and a rank whose micro-batch has images must dispatch the same all-gathers in the
+    same order: NCCL and gloo match collectives by order. megatron's own chain (each module's
+    pre-hook dispatches the next group) starts them in different orders, and leaves the towers'
+    groups out of a text-only step; `order_bucket_collectives` dispatches every group, in one
+    order, at the step's first pre-hook."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from cumo_megatron.demo import DemoConfig, synthetic_microbatches
+
+    cfg = DemoConfig(micro_batch_size=2)
+    cfg.model = tiny(moe=True)
+    with_images = synthetic_microbatches(cfg, 1)[0]
+    ids = with_images["input_ids"].masked_fill(with_images["input_ids"] == cfg.model.image_token_id, 5)
+    text_only = dict(with_images, input_ids=ids, images=None)
+    steps = [text_only, with_images, text_only]
+
+    def ddp(ordered: bool):
+        torch.manual_seed(0)
+        chunk = parallelize.place(build_model(cfg.model, ParallelConfig()), parallelize.placement_for(cfg.model))
+        if ordered:
+            return parallelize.wrap_ddp(chunk, use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                        overlap_param_gather=True, bucket_size=2000)
+        config = DistributedDataParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                               overlap_param_gather=True, bucket_size=2000)
+        return DistributedDataParallel(config=chunk.config, ddp_config=config, module=chunk)
+
+    ours = ddp(ordered=True)
+    groups = len(ours.bucket_groups + ours.expert_parallel_bucket_groups)
+    assert groups > 3
+    # The step's end as the training step has it (it also waits for the gathers nobody used).
+    orders = _gather_orders(monkeypatch, ours, steps, lambda d: d.finish_grad_sync())
+    assert orders[0] == orders[1] == orders[2] and sorted(orders[0]) == list(range(groups))
+
+    def megatron_step_end(ddp):  # megatron's finish_grad_sync would assert: no backward ran
+        for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+            if group.param_gather_handle is not None:
+                group.param_gather_handle.wait()
+                group.param_gather_handle = None
+            group.param_gather_dispatched = False
+
+    megatron_orders = _gather_orders(monkeypatch, ddp(ordered=False), steps, megatron_step_end)
+    # Where every module runs (images), megatron's chain follows the forward; ours is that order.
+    assert orders[1] == megatron_orders[1]
+    assert megatron_orders[0] != megatron_orders[1]
+    assert len(megatron_orders[0]) < groups == len(megatron_orders[1])

@@ -35,9 +35,8 @@ def test_cuda_with_te_turns_on_what_the_specs_support():
     assert on.bias_activation_fusion and on.bias_dropout_fusion and on.apply_rope_fusion
     assert on.gradient_accumulation_fusion and on.moe_permute_fusion
     assert on.variable_seq_lengths
-    # The overlapped reduce with CUDA; the parameter gather only when asked for (a micro-batch
-    # without images skips the towers' gather hooks).
-    assert on.overlap_grad_reduce and not on.overlap_param_gather
+    # Both overlaps with CUDA (the order of their collectives: parallelize.order_bucket_collectives).
+    assert on.overlap_grad_reduce and on.overlap_param_gather
     # No kernel of ours reads these two; async saves are not wired (performance.ASYNC_SAVE_NOTE).
     assert not on.masked_softmax_fusion and not on.persist_layer_norm and not on.async_save
     without = throughput_settings(_cfg(), cuda=True, te=False)
