@@ -38,8 +38,8 @@ def test_cuda_with_te_turns_on_what_the_specs_support():
     # The overlapped reduce with CUDA; the parameter gather only when asked for (a micro-batch
     # without images skips the towers' gather hooks).
     assert on.overlap_grad_reduce and not on.overlap_param_gather
-    # No kernel of ours reads these two; async saves are not wired (performance.ASYNC_SAVE_NOTE).
-    assert not on.masked_softmax_fusion and not on.persist_layer_norm and not on.async_save
+    # No kernel of ours reads these two (async saves: tests/training/test_async_save.py).
+    assert not on.masked_softmax_fusion and not on.persist_layer_norm
     without = throughput_settings(_cfg(), cuda=True, te=False)
     assert not without.apply_rope_fusion and not without.moe_permute_fusion  # TE kernels
     assert not without.gradient_accumulation_fusion  # ColumnParallelLinear needs apex's extension
@@ -47,7 +47,8 @@ def test_cuda_with_te_turns_on_what_the_specs_support():
 
 
 def test_knobs_override_the_automatic_choice():
-    cfg = _cfg(pp=2, overlap_grad_reduce=False, overlap_param_gather=False, variable_seq_lengths=False)
+    cfg = _cfg(pp=2, overlap_grad_reduce=False, overlap_param_gather=False, variable_seq_lengths=False,
+               async_save=False)
     cfg.model.fusions = False
     forced_off = throughput_settings(cfg, cuda=True, te=True, apex=True)
     assert forced_off == throughput_settings(_cfg(pp=2, variable_seq_lengths=False), cuda=False, te=False)
