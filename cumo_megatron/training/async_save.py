@@ -130,21 +130,34 @@ class AsyncCheckpointSaver:
         _drain_write_results()
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants (megatron's writer forks one helper per file)."""
+def _kill_tree(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid`` and its descendants (megatron's writer forks one helper per file); return
+    once the descendants are gone, so that nothing writes into the checkpoint afterwards (the
+    caller joins ``pid`` itself, its child)."""
     try:
         os.kill(pid, signal.SIGSTOP)  # no new helper while we look for them
     except ProcessLookupError:
         return
-    for child in _descendants(pid):
+    helpers = _descendants(pid)
+    for child in helpers + [pid]:
         try:
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # Not our children: we cannot wait for them, only watch them die (a killed signal is
+    # delivered asynchronously).
+    deadline = time.monotonic() + timeout
+    while any(_running(child) for child in helpers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (Linux ``/proc``)."""
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def _descendants(pid: int) -> list[int]:
