@@ -463,6 +463,8 @@ class Trainer:
                         "the data, or raise train.max_bad_steps"
                     )
                 # Before the checkpoint: a run resumed from it has already written this validation.
+                # A save in flight goes on meanwhile: validation evaluates the live model and
+                # reads no checkpoint.
                 if self.validator is not None and validation.due(self.iteration, self.total_steps,
                                                                  train.eval_interval):
                     self.validation_rows.append(self.validator.run(self.iteration))
