@@ -61,7 +61,8 @@ class _InFlight:
 class AsyncCheckpointSaver:
     """At most one asynchronous checkpoint save in flight (module docstring: the protocol).
 
-    Every method is collective while a save is in flight: every rank calls it at the same point.
+    ``save``, ``poll`` and ``wait`` are collective while a save is in flight (every rank calls them
+    at the same point); ``abandon`` is not.
     """
 
     def __init__(self):
