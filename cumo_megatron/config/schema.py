@@ -311,6 +311,9 @@ class TrainConfig:
     # Parameters per DDP gradient bucket (megatron-LM's --ddp-bucket-size); None: megatron's
     # default (max(4e7, 1e6 x DP)). Smaller buckets start their overlapped reduce sooner.
     ddp_bucket_size: Optional[int] = None
+    # Checkpoint writes in a forked process while training goes on (training.async_save); None:
+    # automatic (on with CUDA). `latest` moves only once a checkpoint is complete, either way.
+    async_save: Optional[bool] = None
 
     def validate(self) -> None:
         """Positive sizes and a sane schedule."""

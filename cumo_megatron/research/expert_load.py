@@ -277,7 +277,7 @@ def read_metrics_load(path: PathLike, steps: tuple[Optional[int], Optional[int]]
         if not isinstance(row, dict) or "step" not in row:
             raise ValueError(f"{path} line {number}: not a metrics row (a JSON object with 'step'); "
                              "is this a metrics.jsonl?")
-        if not is_training_row(row):  # a validation row (same step as its training row, no load)
+        if not is_training_row(row):  # a validation or checkpoint row (same step as its training row, no load)
             continue
         step = int(row["step"])
         if step in seen:

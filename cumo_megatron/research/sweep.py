@@ -799,7 +799,7 @@ def token_counts(metrics_path, tokens_per_image: int) -> tuple[int, int]:
     for line in read_json_lines(metrics_path):
         if line.error is not None:
             raise ValueError(f"{metrics_path} line {line.number} is not JSON ({line.error})")
-        if not is_training_row(line.value):  # a validation row: no training tokens
+        if not is_training_row(line.value):  # a validation or checkpoint row: no training tokens
             continue
         images += int(line.value["images"])
         # Padded positions: padding costs compute (``tokens`` counts real tokens only; older files lack it).

@@ -37,7 +37,10 @@ the model's tensors, at any TP/PP/EP layout (megatron reshards).
 Atomicity: everything is written under ``iter_N.tmp``; after a barrier rank 0 renames it to
 ``iter_N`` and then replaces ``latest`` (temp file + ``os.replace``), so a process killed at any
 moment leaves ``latest`` naming a complete checkpoint. Older checkpoints beyond ``keep_last`` are
-deleted after ``latest`` moved.
+deleted after ``latest`` moved. A save is two steps, `stage_save` (everything under ``iter_N.tmp``)
+and `commit_save` (the rename and ``latest``); an asynchronous save (`training.async_save`) stages
+the same files but leaves the sharded tensors to a forked writer, and commits only after every
+rank's writer is done, so the guarantee holds while training goes on.
 
 Model weights alone (``train.load``: a converted, upcycled or earlier-stage checkpoint) load at any
 TP/PP/EP layout. A dense (stage-2) checkpoint loaded into an MoE model is co-upcycled on the fly
@@ -61,6 +64,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing import ShardedObject
 from megatron.core.dist_checkpointing.dict_utils import merge
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
 from cumo_megatron.checkpoint import ours
@@ -241,6 +245,19 @@ def _copy_provenance(source: Optional[Path], dest: Path) -> list[str]:
     return copied
 
 
+@dataclasses.dataclass
+class StagedSave:
+    """A checkpoint being written under ``tmp`` and not yet committed (`stage_save`)."""
+
+    root: Path
+    iteration: int
+    tmp: Path
+    final: Path
+    # Asynchronous staging only: megatron's request that writes the sharded tensors (its finalize
+    # functions write ``.metadata`` and ``metadata.json``); None once everything is on disk.
+    request: Optional[AsyncRequest] = None
+
+
 def save_checkpoint(
     save_dir: str | os.PathLike,
     iteration: int,
@@ -265,6 +282,31 @@ def save_checkpoint(
     (a test hook). ``generation_assets(directory)`` (rank 0) writes what generation needs
     (`cumo_megatron.checkpoint.assets.write_generation_assets`).
     """
+    staged = stage_save(save_dir, iteration, model, optimizer, scheduler, loader, train_state, model_cfg=model_cfg,
+                        provenance=provenance, generation_assets=generation_assets)
+    return commit_save(staged, keep_last, before_commit)
+
+
+def stage_save(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    model,
+    optimizer,
+    scheduler,
+    loader,
+    train_state: dict,
+    model_cfg=None,
+    provenance: Optional[str | os.PathLike] = None,
+    generation_assets: Optional[Callable[[Path], object]] = None,
+    asynchronous: bool = False,
+) -> StagedSave:
+    """Write everything of checkpoint ``iteration`` under ``iter_N.tmp`` (collective), uncommitted.
+
+    Arguments as `save_checkpoint`. With ``asynchronous`` megatron only plans the sharded tensors'
+    write and returns it as ``request`` (`training.async_save` runs it); everything else (megatron's
+    ``common.pt``, the per-rank RNG and data-loader states, ``train_state.json`` and the run's
+    files) is written now, so it holds the state of this iteration whenever the write finishes.
+    """
     root = Path(save_dir)
     final = iteration_dir(root, iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -280,7 +322,10 @@ def save_checkpoint(
     if optimizer is not None and _holds_parameters(optimizer):
         state[OPTIMIZER_KEY], plain["optimizer"] = _optimizer_parts(optimizer, model_sd, is_loading=False)
     state[TRAINER_KEY] = _trainer_object(plain, rank)
-    dist_checkpointing.save(state, str(tmp))
+    if asynchronous:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    else:
+        request = dist_checkpointing.save(state, str(tmp))
     per_rank = {"rng": rng_state(), "loader": loader.state_dict() if loader is not None else None,
                 "world_size": _world()}
     (tmp / "ranks").mkdir(exist_ok=True)
@@ -295,16 +340,28 @@ def save_checkpoint(
         _copy_provenance(Path(provenance) if provenance else None, tmp)
         if generation_assets is not None:
             generation_assets(tmp)
+    return StagedSave(root=root, iteration=iteration, tmp=tmp, final=final, request=request)
+
+
+def commit_save(staged: StagedSave, keep_last: int = 2,
+                before_commit: Optional[Callable[[Path], None]] = None) -> Path:
+    """Make a staged checkpoint ``latest`` once every rank's data is written (collective).
+
+    After a barrier rank 0 renames ``iter_N.tmp`` to ``iter_N``, points ``latest`` at it and
+    prunes beyond ``keep_last``; ``before_commit(tmp)`` runs on every rank before the rename.
+    An asynchronous save runs this as the last finalize function of its request (`async_save`).
+    """
+    root, final, tmp = staged.root, staged.final, staged.tmp
     _barrier()
     if before_commit is not None:
         before_commit(tmp)
-    if rank == 0:
+    if _rank() == 0:
         if final.exists():  # left by a run that died between rename and `latest`: not referenced
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(root)
-        write_latest(root, iteration)
-        prune_checkpoints(root, keep_last, protect=iteration)
+        write_latest(root, staged.iteration)
+        prune_checkpoints(root, keep_last, protect=staged.iteration)
     _barrier()
     return final
 

@@ -19,13 +19,18 @@ One `Trainer` runs one stage (`train.stage`) of one experiment:
    in a row stop the run (`TrainingDiverged`), the last good checkpoint stays ``latest``;
    metrics (JSONL, TensorBoard, console) from one reporting rank; checkpoints every
    ``save_interval`` steps and at the end, each also a model checkpoint the tools open
-   (`checkpointing`); the held-out loss over ``data.eval_files`` every ``eval_interval`` steps
-   and at the end, before that step's checkpoint (`validation`).
+   (`checkpointing`), written while training goes on with ``train.async_save`` (`async_save`:
+   polled every step, waited for before the next save, a divergence stop and the end; abandoned,
+   ``latest`` unmoved, on any other error); how long each save blocked the loop goes to
+   ``metrics.jsonl`` (``split: "checkpoint"``); the held-out loss over ``data.eval_files`` every
+   ``eval_interval`` steps and at the end, before that step's checkpoint (`validation`).
 
 Test hooks (environment variables, read once): ``CUMO_TEST_KILL_AFTER_SAVE=N`` SIGKILLs every rank
 right after checkpoint N is complete; ``CUMO_TEST_KILL_DURING_SAVE=N`` SIGKILLs them after
 checkpoint N's data is written but before it is committed; ``CUMO_TEST_NAN_STEPS=3,4`` poisons the
-gradients of those steps with NaN.
+gradients of those steps with NaN. With ``train.async_save`` both kill hooks keep their meaning and
+so fire when checkpoint N is finalized, which may be some steps later: during its commit (every
+rank's writer done, ``iter_N.tmp`` complete, ``latest`` not moved yet) and right after it.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from cumo_megatron.config.schema import ExperimentConfig, check_sequence_length
 from cumo_megatron.errors import EXIT_DIVERGED, UserError
 from cumo_megatron.models.parallelize import comm_device
 from cumo_megatron.training import checkpointing, data_failures, performance, skipped_report, stages, validation
+from cumo_megatron.training.async_save import AsyncCheckpointSaver, SaveTiming
 from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step, real_and_padded_tokens
 
@@ -107,6 +113,7 @@ class Trainer:
         self._built = False
         self.save_lock: Optional[SaveDirLock] = None
         self.validation_rows: list[dict] = []  # on every rank (each gets the same figures)
+        self.saver: Optional[AsyncCheckpointSaver] = None  # with train.async_save
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -150,6 +157,7 @@ class Trainer:
         self.provenance = self.resume_from or (Path(self.load_report["path"]) if self.load_report else None)
         self.freeze_counts = stages.apply_stage(self.model, train.stage)
         self.throughput = performance.machine_throughput_settings(cfg)
+        self.saver = AsyncCheckpointSaver() if self.throughput.async_save else None
         # Read by megatron's p2p communication only (it then sends each tensor's shape first); set
         # here rather than in the TransformerConfig, whose check refuses it for any config with
         # the all-gather dispatcher, the default of a dense LLM that has no dispatcher at all
@@ -442,7 +450,11 @@ class Trainer:
                 if self.reporter:
                     rows.append(row)
                     self.metrics.write(row, console=self.iteration % max(train.log_interval, 1) == 0)
+                if self.saver is not None:
+                    self.saver.poll()  # commits a save in flight once every rank's writer is done
                 if self.bad_in_a_row >= train.max_bad_steps:
+                    if self.saver is not None:
+                        self.saver.wait()  # the message names the newest complete checkpoint
                     last = checkpointing.read_latest(self.out)
                     raise TrainingDiverged(
                         f"{self.bad_in_a_row} consecutive steps (up to step {self.iteration}) had a non-finite loss "
@@ -451,6 +463,8 @@ class Trainer:
                         "the data, or raise train.max_bad_steps"
                     )
                 # Before the checkpoint: a run resumed from it has already written this validation.
+                # A save in flight goes on meanwhile: validation evaluates the live model and
+                # reads no checkpoint.
                 if self.validator is not None and validation.due(self.iteration, self.total_steps,
                                                                  train.eval_interval):
                     self.validation_rows.append(self.validator.run(self.iteration))
@@ -462,7 +476,15 @@ class Trainer:
                 # checkpoint written after a good update.
                 if due and self.bad_in_a_row == 0:
                     self.save()
+            if self.saver is not None:
+                self.saver.wait()  # the last checkpoint is committed before the run reports success
             self._write_skipped_report(final=True)
+        except BaseException:
+            # A failed run (or ^C) must not commit a checkpoint later, from a state nobody checked:
+            # the write in flight is killed and `latest` keeps naming the last complete one.
+            if self.saver is not None:
+                self.saver.abandon()
+            raise
         finally:
             self.metrics.close()
             self.save_lock.release()
@@ -476,24 +498,58 @@ class Trainer:
             )
 
     def save(self) -> Path:
-        """Write the checkpoint of the current iteration (collective)."""
+        """Write the checkpoint of the current iteration (collective); with ``train.async_save``
+        start writing it (`async_save`) and return the directory it will be committed to."""
         during = self.hooks.kill_during_save == self.iteration
 
         def before_commit(tmp: Path) -> None:
             if during:
                 _kill_self()
 
+        if self.saver is not None:
+            return self._save_async(before_commit)
         from cumo_megatron.models.parallelize import params_gathered
 
+        start = time.perf_counter()
         # With overlapped parameter gathers the last step's updated weights reach the model only in
         # the next forward: gather them now (megatron-LM does the same around its saves).
         with params_gathered(self.ddp):
             path = self._save_checkpoint(before_commit)
+        blocked = time.perf_counter() - start
         self.provenance = path  # carries the same records; the older checkpoint may be pruned
         self._write_skipped_report()
+        self._log_save(path, SaveTiming(self.iteration, blocked, blocked), asynchronous=False)
         if self.hooks.kill_after_save == self.iteration:
             _kill_self()
         return path
+
+    def _save_async(self, before_commit) -> Path:
+        """Start the asynchronous save of the current iteration; commit and hooks come later."""
+        from cumo_megatron.models.parallelize import params_gathered
+
+        keep_last = self.cfg.train.keep_last
+
+        def committed(path: Path, timing: SaveTiming) -> None:
+            self.provenance = path  # as after a synchronous save
+            self._log_save(path, timing, asynchronous=True)
+            if self.hooks.kill_after_save == timing.iteration:
+                _kill_self()
+
+        # Staged and handed to the writer inside the gather: with CUDA megatron copies the tensors
+        # to host memory as the writer starts; on CPU the fork is the snapshot.
+        with params_gathered(self.ddp):
+            path = self.saver.save(self._stage_checkpoint,
+                                   lambda staged: checkpointing.commit_save(staged, keep_last, before_commit),
+                                   committed)
+        # This iteration's counts, as a synchronous save writes them (the report is not part of
+        # the checkpoint).
+        self._write_skipped_report()
+        return path
+
+    def _log_save(self, path: Path, timing: SaveTiming, asynchronous: bool) -> None:
+        """The checkpoint's row in ``metrics.jsonl``: how long the loop waited for this save."""
+        self.metrics.write({"step": timing.iteration, "split": "checkpoint", "checkpoint": path.name,
+                            "async": asynchronous, "blocked_s": timing.blocked_s, "save_s": timing.total_s})
 
     def _write_skipped_report(self, final: bool = False) -> None:
         """``skipped_records.json`` merged over data-parallel ranks (collective); totals printed at the end."""
@@ -504,29 +560,37 @@ class Trainer:
             print(skipped_report.summary_line(report, path), flush=True)
 
     def _save_checkpoint(self, before_commit) -> Path:
+        return checkpointing.save_checkpoint(
+            self.out, self.iteration, self.model, self.optimizer, self.scheduler, self.loader,
+            self._train_state(), keep_last=self.cfg.train.keep_last, before_commit=before_commit,
+            **self._checkpoint_files(),
+        )
+
+    def _stage_checkpoint(self) -> checkpointing.StagedSave:
+        return checkpointing.stage_save(
+            self.out, self.iteration, self.model, self.optimizer, self.scheduler, self.loader,
+            self._train_state(), asynchronous=True, **self._checkpoint_files(),
+        )
+
+    def _train_state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,
+            "overflow_steps": self.overflow_steps,
+            "stage": self.cfg.train.stage,
+        }
+
+    def _checkpoint_files(self) -> dict:
+        """What a checkpoint carries beside the state: the model config, provenance, generation assets."""
         from cumo_megatron.checkpoint.assets import GenerationSettings, write_generation_assets
 
         data = self.cfg.data
         settings = GenerationSettings(template=data.template, aspect=data.aspect)
-        return checkpointing.save_checkpoint(
-            self.out,
-            self.iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.loader,
-            {
-                "iteration": self.iteration,
-                "consumed_samples": self.consumed_samples,
-                "skipped_steps": self.skipped_steps,
-                "bad_in_a_row": self.bad_in_a_row,
-                "overflow_steps": self.overflow_steps,
-                "stage": self.cfg.train.stage,
-            },
+        return dict(
             model_cfg=self.cfg.model,
             provenance=self.provenance,
-            keep_last=self.cfg.train.keep_last,
-            before_commit=before_commit,
             # What generation needs: the tokenizer, template and aspect this run's data used.
             generation_assets=lambda path: write_generation_assets(path, data.tokenizer, settings),
         )

@@ -8,7 +8,10 @@ out padding (`real_and_padded_tokens`, from the batch's ``padding_mask``); ``tok
 every sequence position processed, padding included.
 
 Validation rows (`training.validation`) share the file: they carry ``"split": "validation"`` and
-the step they follow; their TensorBoard tags are prefixed ``validation/``. Readers that want the
+the step they follow; their TensorBoard tags are prefixed ``validation/``. So do checkpoint rows
+(``"split": "checkpoint"``, one per committed checkpoint, written when it is committed: the
+checkpoint's step, ``async``, ``blocked_s``: how long the training loop waited for it, ``save_s``:
+from its start to its commit; the same figure for a synchronous save). Readers that want the
 training steps only keep the rows `is_training_row` accepts.
 
 Model FLOPs are estimated from parameter counts (`model_flops_per_step`), per token through each
@@ -66,7 +69,7 @@ def _scalars(row: dict, prefix: str = "") -> dict[str, float]:
 
 
 def is_training_row(row: dict) -> bool:
-    """Whether a ``metrics.jsonl`` row is a training step's (not a validation row)."""
+    """Whether a ``metrics.jsonl`` row is a training step's (not a validation or checkpoint row)."""
     return row.get("split", "train") == "train"
 
 
@@ -81,6 +84,13 @@ def validation_line(row: dict) -> str:
         parts.append(f"{row['skipped']} skipped")
     parts.append(f"{row['time_s']:.1f} s")
     return " | ".join(parts)
+
+
+def checkpoint_line(row: dict) -> str:
+    """``checkpoint step 12 | iter_0000012 | loop blocked 0.31 s of 4.20 s (async)``."""
+    mode = "async" if row["async"] else "sync"
+    return (f"checkpoint step {row['step']} | {row['checkpoint']} | loop blocked {row['blocked_s']:.2f} s "
+            f"of {row['save_s']:.2f} s ({mode})")
 
 
 def console_line(row: dict) -> str:
@@ -150,7 +160,9 @@ class MetricsWriter:
                     self._tb.add_scalar(prefix + name, value, global_step=row["step"])
         if console and self.console is not None:
             stream = sys.stdout if self.console is _STDOUT else self.console
-            print(console_line(row) if training else validation_line(row), file=stream, flush=True)
+            line = console_line(row) if training else (
+                checkpoint_line(row) if row["split"] == "checkpoint" else validation_line(row))
+            print(line, file=stream, flush=True)
 
     def close(self) -> None:
         """Flush and close the files."""

@@ -4,7 +4,7 @@
 Transformer Engine importable, ``apex``: apex's ``fused_weight_gradient_mlp_cuda`` importable), so
 the CUDA branch is testable on a CPU. Config knobs override the automatic choice (``None`` =
 auto): ``model.fusions``, ``train.overlap_grad_reduce``, ``train.overlap_param_gather``,
-``train.variable_seq_lengths``.
+``train.variable_seq_lengths``, ``train.async_save``.
 
 What is on by default with CUDA, and why the rest is not:
 
@@ -39,7 +39,13 @@ What is on by default with CUDA, and why the rest is not:
   ``data.max_length``. On wherever PP > 1, CPU included, except for an MoE LLM with the
   all-gather dispatcher (it all-gathers tokens over EP ranks, which need equal counts; megatron
   refuses the pair).
-- Asynchronous checkpoint saves: off (`ASYNC_SAVE_NOTE`).
+- ``async_save``: **on with CUDA**. A checkpoint's tensors are written by a forked process while
+  training goes on; the loop is blocked only while the state is staged (device to host copies,
+  the small per-rank and run files) and, when the next save, divergence or the end of training
+  comes first, by the wait for the write (`training.async_save`; ``split: "checkpoint"`` rows of
+  ``metrics.jsonl`` say how long). ``latest`` moves only after every rank's write is complete.
+  Also works on CPU (gloo) when asked for, which is how the tests check it
+  (tests/training/test_async_save.py); without CUDA the automatic choice stays synchronous.
 """
 
 from __future__ import annotations
@@ -48,13 +54,6 @@ import importlib.util
 from dataclasses import dataclass
 
 from cumo_megatron.config.loader import ConfigError
-
-ASYNC_SAVE_NOTE = (
-    "megatron-core's async dist_checkpointing save returns an AsyncRequest whose finalize must run "
-    "before training.checkpointing renames iter_N.tmp, writes the per-rank RNG/loader files and moves "
-    "`latest`; doing that in a later step (with the kill and NaN hooks that rely on the synchronous order) "
-    "needs a GPU run to verify, so saves stay synchronous"
-)
 
 _FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
             "persist_layer_norm", "gradient_accumulation_fusion", "moe_permute_fusion")
@@ -137,7 +136,10 @@ def throughput_settings(cfg, cuda: bool, te: bool, apex: bool = False) -> Throug
         overlap_grad_reduce=_pick(train.overlap_grad_reduce, cuda),
         overlap_param_gather=_pick(train.overlap_param_gather, cuda) and train.distributed_optimizer,
         variable_seq_lengths=parallel.pp > 1 and _pick(train.variable_seq_lengths, not llm_allgather),
-        async_save=False,
+        # Off without CUDA: the writer would compete with training for the same cores, and the next
+        # step's in-place updates make the kernel copy the forked snapshot's pages anyway; on (and
+        # tested) when asked for.
+        async_save=_pick(train.async_save, cuda),
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from cumo_megatron.config.loader import ConfigError
 from cumo_megatron.config.presets import tiny
-from cumo_megatron.config.schema import ExperimentConfig, MoEConfig, ParallelConfig
+from cumo_megatron.config.schema import ExperimentConfig, ParallelConfig
 from cumo_megatron.models import transformer_configs as tc
 from cumo_megatron.training.performance import throughput_settings
 
@@ -35,10 +35,11 @@ def test_cuda_with_te_turns_on_what_the_specs_support():
     assert on.bias_activation_fusion and on.bias_dropout_fusion and on.apply_rope_fusion
     assert on.gradient_accumulation_fusion and on.moe_permute_fusion
     assert on.variable_seq_lengths
-    # Both overlaps with CUDA (the order of their collectives: parallelize.order_bucket_collectives).
-    assert on.overlap_grad_reduce and on.overlap_param_gather
-    # No kernel of ours reads these two; async saves are not wired (performance.ASYNC_SAVE_NOTE).
-    assert not on.masked_softmax_fusion and not on.persist_layer_norm and not on.async_save
+    # Both overlaps with CUDA (the order of their collectives: parallelize.order_bucket_collectives),
+    # and asynchronous saves (tests/training/test_async_save.py).
+    assert on.overlap_grad_reduce and on.overlap_param_gather and on.async_save
+    # No kernel of ours reads these two.
+    assert not on.masked_softmax_fusion and not on.persist_layer_norm
     without = throughput_settings(_cfg(), cuda=True, te=False)
     assert not without.apply_rope_fusion and not without.moe_permute_fusion  # TE kernels
     assert not without.gradient_accumulation_fusion  # ColumnParallelLinear needs apex's extension
@@ -46,7 +47,8 @@ def test_cuda_with_te_turns_on_what_the_specs_support():
 
 
 def test_knobs_override_the_automatic_choice():
-    cfg = _cfg(pp=2, overlap_grad_reduce=False, overlap_param_gather=False, variable_seq_lengths=False)
+    cfg = _cfg(pp=2, overlap_grad_reduce=False, overlap_param_gather=False, variable_seq_lengths=False,
+               async_save=False)
     cfg.model.fusions = False
     forced_off = throughput_settings(cfg, cuda=True, te=True, apex=True)
     assert forced_off == throughput_settings(_cfg(pp=2, variable_seq_lengths=False), cuda=False, te=False)

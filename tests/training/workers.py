@@ -169,7 +169,16 @@ def check(proc: subprocess.CompletedProcess, expect_rc: int = 0) -> None:
 
 
 def read_metrics(save: str | Path) -> list[dict]:
-    """Rows of ``<save>/metrics.jsonl``."""
+    """Training and validation rows of ``<save>/metrics.jsonl`` (checkpoint rows: `checkpoint_rows`)."""
+    return [row for row in _metrics_rows(save) if row.get("split") != "checkpoint"]
+
+
+def checkpoint_rows(save: str | Path) -> list[dict]:
+    """The checkpoint rows of ``<save>/metrics.jsonl`` (one per committed save), as written."""
+    return [row for row in _metrics_rows(save) if row.get("split") == "checkpoint"]
+
+
+def _metrics_rows(save: str | Path) -> list[dict]:
     path = Path(save) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
