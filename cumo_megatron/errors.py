@@ -79,5 +79,8 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
     except UserError as exc:
         if debug_enabled():
             traceback.print_exc()
-        print(format_user_error(exc), file=sys.stderr, flush=True)
+        # One write, newline included: ranks share the launcher's stderr, and print's separate
+        # write of the line end lets another rank's message land before it.
+        sys.stderr.write(format_user_error(exc) + "\n")
+        sys.stderr.flush()
         return exc.exit_status

@@ -13,21 +13,25 @@ from __future__ import annotations
 import sys
 
 
-def _train(argv: list[str] | None) -> int:
+def _train(argv: list[str] | None, events=None) -> int:
     from cumo_megatron.config.loader import parse_cli
     from cumo_megatron.config.schema import ExperimentConfig
     from cumo_megatron.training.loop import run
 
-    run(parse_cli(ExperimentConfig, sys.argv[1:] if argv is None else argv))
+    run(parse_cli(ExperimentConfig, sys.argv[1:] if argv is None else argv), events)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, events=None) -> int:
     """Parse the command line, train, return the exit status (see ``cumo_megatron.errors`` for the
-    statuses of user errors: configuration 2, diverged 3, data 4, checkpoint 5)."""
+    statuses of user errors: configuration 2, diverged 3, data 4, checkpoint 5).
+
+    ``events``: a `cumo_megatron.training.events.TrainingEvents` for a script that wraps this
+    entry point and acts at points of the run (a profiler, an uploader; the tests' faults).
+    """
     from cumo_megatron.errors import run_cli
 
-    return run_cli(_train, argv)
+    return run_cli(lambda args: _train(args, events), argv)
 
 
 # megatron's checkpoint writer starts processes that re-import __main__: keep this guard.

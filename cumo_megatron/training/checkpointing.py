@@ -279,7 +279,7 @@ def save_checkpoint(
     ``model_cfg`` (a `ModelConfig`) the checkpoint is also a model checkpoint of ours
     (``model_config.yaml``); ``provenance`` is a checkpoint whose conversion records are carried
     over. ``before_commit`` runs on every rank after all data is written and before the rename
-    (a test hook). ``generation_assets(directory)`` (rank 0) writes what generation needs
+    (the trainer's `TrainingEvents.checkpoint_written`). ``generation_assets(directory)`` (rank 0) writes what generation needs
     (`cumo_megatron.checkpoint.assets.write_generation_assets`).
     """
     staged = stage_save(save_dir, iteration, model, optimizer, scheduler, loader, train_state, model_cfg=model_cfg,

@@ -25,22 +25,15 @@ One `Trainer` runs one stage (`train.stage`) of one experiment:
    ``metrics.jsonl`` (``split: "checkpoint"``); the held-out loss over ``data.eval_files`` every
    ``eval_interval`` steps and at the end, before that step's checkpoint (`validation`).
 
-Test hooks (environment variables, read once): ``CUMO_TEST_KILL_AFTER_SAVE=N`` SIGKILLs every rank
-right after checkpoint N is complete; ``CUMO_TEST_KILL_DURING_SAVE=N`` SIGKILLs them after
-checkpoint N's data is written but before it is committed; ``CUMO_TEST_NAN_STEPS=3,4`` poisons the
-gradients of those steps with NaN. With ``train.async_save`` both kill hooks keep their meaning and
-so fire when checkpoint N is finalized, which may be some steps later: during its commit (every
-rank's writer done, ``iter_N.tmp`` complete, ``latest`` not moved yet) and right after it.
+Code outside the trainer acts at defined points of the run through `events.TrainingEvents`
+(gradients ready, checkpoint written but not committed, checkpoint committed); the tests inject
+their faults there (tests/training/faults.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +46,7 @@ from cumo_megatron.errors import EXIT_DIVERGED, UserError
 from cumo_megatron.models.parallelize import comm_device
 from cumo_megatron.training import checkpointing, data_failures, performance, skipped_report, stages, validation
 from cumo_megatron.training.async_save import AsyncCheckpointSaver, SaveTiming
+from cumo_megatron.training.events import TrainingEvents
 from cumo_megatron.training.lock import SaveDirLock
 from cumo_megatron.training.metrics import MetricsWriter, model_flops_per_step, real_and_padded_tokens
 
@@ -64,35 +58,6 @@ class TrainingDiverged(UserError, RuntimeError):
     exit_status = EXIT_DIVERGED
 
 
-@dataclass
-class TestHooks:
-    """Fault injection for tests (see the module docstring); defaults read the environment."""
-
-    kill_after_save: Optional[int] = None
-    kill_during_save: Optional[int] = None
-    nan_steps: set[int] = field(default_factory=set)
-
-    @classmethod
-    def from_env(cls) -> "TestHooks":
-        """Hooks from ``CUMO_TEST_*`` variables."""
-        def as_int(name):
-            value = os.environ.get(name)
-            return int(value) if value else None
-
-        nan = os.environ.get("CUMO_TEST_NAN_STEPS", "")
-        return cls(
-            kill_after_save=as_int("CUMO_TEST_KILL_AFTER_SAVE"),
-            kill_during_save=as_int("CUMO_TEST_KILL_DURING_SAVE"),
-            nan_steps={int(s) for s in nan.split(",") if s.strip()},
-        )
-
-
-def _kill_self() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _dp_group():
     from megatron.core import parallel_state
 
@@ -102,9 +67,9 @@ def _dp_group():
 class Trainer:
     """Builds everything from an `ExperimentConfig` and trains (`train()`)."""
 
-    def __init__(self, cfg: ExperimentConfig, hooks: Optional[TestHooks] = None):
+    def __init__(self, cfg: ExperimentConfig, events: Optional[TrainingEvents] = None):
         self.cfg = cfg
-        self.hooks = hooks if hooks is not None else TestHooks.from_env()
+        self.events = events if events is not None else TrainingEvents()
         self.iteration = 0
         self.consumed_samples = 0
         self.bad_in_a_row = 0
@@ -296,11 +261,6 @@ class Trainer:
                 return False
         return True
 
-    def _poison_grads(self) -> None:
-        for buffer in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers):
-            buffer.grad_data.fill_(float("nan"))
-            return
-
     def train_step(self, microbatches: list[dict]) -> dict:
         """One optimizer step over ``microbatches``; returns this rank's raw step results.
 
@@ -324,8 +284,7 @@ class Trainer:
             device=self.placement.device,
         )
         moe = collect_moe_stats(self.model, self.num_microbatches)
-        if self.iteration + 1 in self.hooks.nan_steps:
-            self._poison_grads()
+        self.events.gradients_ready(self, self.iteration + 1)
         local_bad = (lm_loss is not None and not math.isfinite(lm_loss)) or any(
             not math.isfinite(v) for module in moe["modules"].values() for v in module.values()
         ) or (not fp16 and not self._grads_finite())
@@ -500,11 +459,10 @@ class Trainer:
     def save(self) -> Path:
         """Write the checkpoint of the current iteration (collective); with ``train.async_save``
         start writing it (`async_save`) and return the directory it will be committed to."""
-        during = self.hooks.kill_during_save == self.iteration
+        iteration = self.iteration  # an asynchronous save commits after later steps
 
         def before_commit(tmp: Path) -> None:
-            if during:
-                _kill_self()
+            self.events.checkpoint_written(self, iteration, tmp)
 
         if self.saver is not None:
             return self._save_async(before_commit)
@@ -519,12 +477,12 @@ class Trainer:
         self.provenance = path  # carries the same records; the older checkpoint may be pruned
         self._write_skipped_report()
         self._log_save(path, SaveTiming(self.iteration, blocked, blocked), asynchronous=False)
-        if self.hooks.kill_after_save == self.iteration:
-            _kill_self()
+        self.events.checkpoint_committed(self, self.iteration, path)
         return path
 
     def _save_async(self, before_commit) -> Path:
-        """Start the asynchronous save of the current iteration; commit and hooks come later."""
+        """Start the asynchronous save of the current iteration; its commit (and the events of
+        `checkpoint_written` and `checkpoint_committed`) come later."""
         from cumo_megatron.models.parallelize import params_gathered
 
         keep_last = self.cfg.train.keep_last
@@ -532,8 +490,7 @@ class Trainer:
         def committed(path: Path, timing: SaveTiming) -> None:
             self.provenance = path  # as after a synchronous save
             self._log_save(path, timing, asynchronous=True)
-            if self.hooks.kill_after_save == timing.iteration:
-                _kill_self()
+            self.events.checkpoint_committed(self, timing.iteration, path)
 
         # Staged and handed to the writer inside the gather: with CUDA megatron copies the tensors
         # to host memory as the writer starts; on CPU the fork is the snapshot.
@@ -596,11 +553,11 @@ class Trainer:
         )
 
 
-def run(cfg: ExperimentConfig) -> list[dict]:
-    """Train one stage as configured; tear the process groups down afterwards."""
+def run(cfg: ExperimentConfig, events: Optional[TrainingEvents] = None) -> list[dict]:
+    """Train one stage as configured (``events``: see `Trainer`); tear the process groups down afterwards."""
     import cumo_megatron.platform as platform
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, events)
     try:
         return trainer.train()
     finally:

@@ -29,13 +29,14 @@ from cumo_megatron.config.loader import load_config
 from cumo_megatron.config.presets import tiny
 from cumo_megatron.config.schema import ExperimentConfig
 from cumo_megatron.platform.distributed import set_cpu_threads
-from cumo_megatron.training import loop
 from cumo_megatron.training.checkpointing import iteration_dir, list_checkpoints, read_latest
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from cumo_megatron.training.metrics import is_training_row
 from cumo_megatron.training.performance import throughput_settings
 from tests.helpers.distributed import run_distributed
+from tests.training import faults
 from tests.training.async_workers import stalled_writer, stalled_writers
+from tests.training.faults import FaultInjection
 from tests.training.test_resume import _same_rows
 from tests.training.workers import (
     ROOT, _kill_marked, _LAUNCH_MARK, checkpoint_rows, experiment, read_metrics, write_config,
@@ -179,7 +180,7 @@ def killed(dataset, init_weights, tmp_path_factory) -> dict:
     state.update(straight=read_metrics(save), checkpoint_rows=checkpoint_rows(save),
                  dirs_after=sorted(p.name for p in save.iterdir()))
     set_cpu_threads()  # the threads the entry point gives a world of one (results depend on them)
-    trainer = Trainer(load_config(ExperimentConfig, config), hooks=TestHooks())
+    trainer = Trainer(load_config(ExperimentConfig, config))
     trainer.train()
     state.update(resumed_from=trainer.resume_from, resumed=read_metrics(save), save=save)
     return state
@@ -246,7 +247,7 @@ def test_one_save_in_flight(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpointing, "commit_save", committed)
     cfg = experiment(dataset, str(tmp_path / "run"), stage=2, train_steps=3, save_interval=1, keep_last=3,
                      global_batch_size=1, async_save=True)
-    Trainer(cfg, hooks=TestHooks()).train()
+    Trainer(cfg).train()
     assert events == [("schedule", 0, False), ("commit", 1), ("schedule", 0, "iter_0000001"), ("commit", 2),
                       ("schedule", 0, "iter_0000002"), ("commit", 3)]
     rows = checkpoint_rows(tmp_path / "run")
@@ -263,7 +264,7 @@ def test_an_exception_abandons_the_write_in_flight(dataset, tmp_path, monkeypatc
     _stall(monkeypatch, {4: 60.0}, markers)
     cfg = experiment(dataset, str(tmp_path / "run"), stage=2, train_steps=6, save_interval=2, keep_last=2,
                      global_batch_size=1, async_save=True)
-    trainer = Trainer(cfg, hooks=TestHooks()).setup()
+    trainer = Trainer(cfg).setup()
     step = trainer.train_step
 
     def failing(microbatches):
@@ -303,10 +304,10 @@ def test_kill_hooks_fire_when_the_checkpoint_is_finalized(dataset, tmp_path, mon
                       "rows": [r["step"] for r in checkpoint_rows(run)],
                       "tmp4_complete": (tmp4 / "metadata.json").is_file() and (tmp4 / ".metadata").is_file()})
 
-    monkeypatch.setattr(loop, "_kill_self", note)
+    monkeypatch.setattr(faults, "kill_self", note)
     cfg = experiment(dataset, str(run), stage=2, train_steps=5, save_interval=2, keep_last=3, global_batch_size=1,
                      async_save=True)
-    Trainer(cfg, hooks=TestHooks(kill_after_save=2, kill_during_save=4)).train()
+    Trainer(cfg, events=FaultInjection(kill_after_save=2, kill_during_save=4)).train()
     after, during = fired
     # After later steps (the poll of step 3 or 4, or save 4's wait), with checkpoint 2 committed.
     assert after["latest"] == "iter_0000002" and after["rows"] == [2] and after["steps"][:3] == [1, 2, 3]

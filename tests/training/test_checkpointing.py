@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cumo_megatron.training import checkpointing as ckpt
-from cumo_megatron.training.loop import TestHooks, Trainer, TrainingDiverged
+from cumo_megatron.training.loop import Trainer, TrainingDiverged
 from cumo_megatron.training.metrics import truncate_jsonl
+from tests.training.faults import FaultInjection
 from tests.training.workers import experiment, read_metrics
 
 
@@ -85,7 +86,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
     # One poisoned step: skipped (no update, schedule not advanced), counted, training goes on.
     cfg = experiment(dataset, str(tmp_path / "one"), stage=2, train_steps=3, save_interval=0,
                      global_batch_size=1, warmup_fraction=0.0)
-    trainer = Trainer(cfg, hooks=TestHooks(nan_steps={2})).setup()
+    trainer = Trainer(cfg, events=FaultInjection(nan_steps={2})).setup()
     rows = trainer.train()
     assert [r["skipped"] for r in rows] == [False, True, False]
     assert rows[1]["skipped_total"] == 1 and rows[2]["bad_steps"] == 0
@@ -95,7 +96,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path):
     cfg = experiment(dataset, str(tmp_path / "many"), stage=2, train_steps=4, save_interval=1,
                      global_batch_size=1, max_bad_steps=2)
     with pytest.raises(TrainingDiverged, match=r"2 consecutive steps .*iter_0000001"):
-        Trainer(cfg, hooks=TestHooks(nan_steps={2, 3, 4})).train()
+        Trainer(cfg, events=FaultInjection(nan_steps={2, 3, 4})).train()
     rows = read_metrics(tmp_path / "many")
     assert [r["skipped"] for r in rows] == [False, True, True]
     assert ckpt.load_latest(tmp_path / "many").name == "iter_0000001"

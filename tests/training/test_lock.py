@@ -16,7 +16,7 @@ import socket
 import pytest
 
 from cumo_megatron.training.lock import LOCK_NAME, SaveDirLock, SaveDirLocked
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from tests.training.workers import check, experiment, hold_lock, launch, write_config
 
 
@@ -69,7 +69,7 @@ def test_sigkilled_holder_leaves_no_stale_lock(tmp_path):
 def test_lock_is_held_while_training_and_released_after(dataset, tmp_path):
     save = tmp_path / "run"
     trainer = Trainer(experiment(dataset, str(save), stage=2, train_steps=1, save_interval=0,
-                                 global_batch_size=1), hooks=TestHooks()).setup()
+                                 global_batch_size=1)).setup()
     assert trainer.save_lock.held
     with pytest.raises(SaveDirLocked, match=f"pid {os.getpid()}@"):
         SaveDirLock.acquire(save)

@@ -13,14 +13,14 @@ import math
 import pytest
 import torch
 
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from tests.training.workers import experiment, left_after_save, read_metrics
 
 STEPS = dict(train_steps=8, save_interval=2, keep_last=4, global_batch_size=4)
 
 
 def _train(cfg) -> tuple[Trainer, list[dict]]:
-    trainer = Trainer(cfg, hooks=TestHooks()).setup()
+    trainer = Trainer(cfg).setup()
     try:
         rows = trainer.train()
     finally:

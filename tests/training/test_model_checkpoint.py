@@ -23,7 +23,7 @@ from cumo_megatron.config.loader import to_dict
 from cumo_megatron.config.schema import ParallelConfig
 from cumo_megatron.models.cumo import build_model
 from cumo_megatron.training.checkpointing import load_latest
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from tests.fixtures.tiny_models import save_hf_clip_vision, save_hf_lm
 from tests.helpers.tools import load_tool
 from tests.training.workers import experiment
@@ -59,7 +59,7 @@ def trained(dataset, tmp_path_factory) -> dict:
     cfg = experiment(dataset, str(tmp / "run"), stage=1, train_steps=1, save_interval=0, lr=1e-2,
                      warmup_fraction=0.0, global_batch_size=2, load=str(init))
     cfg.model = ours.read_model_config(init)
-    trainer = Trainer(cfg, hooks=TestHooks())
+    trainer = Trainer(cfg)
     trainer.train()
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     return dict(tmp=tmp, init=init, cfg=cfg, params=params, ckpt=load_latest(tmp / "run"))

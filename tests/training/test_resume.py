@@ -33,7 +33,7 @@ from cumo_megatron.config.schema import ExperimentConfig, ParallelConfig
 from cumo_megatron.models.cumo import build_model
 from cumo_megatron.platform.distributed import set_cpu_threads
 from cumo_megatron.training.checkpointing import list_checkpoints, load_latest
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from tests.helpers.distributed import run_distributed
 from tests.training.workers import (
     MAX_LENGTH, experiment, hold_lock, launch, model_shards, read_metrics, write_config,
@@ -43,7 +43,7 @@ KILLED = -9  # SIGKILL
 EXACT_KEYS = ("loss", "lm_loss", "grad_norm", "lr", "vision_balance", "connector_z_loss", "expert_load")
 # Checkpoint 2, then two later steps; the save of step 4 is the one interrupted.
 STEPS = dict(train_steps=4, save_interval=2, keep_last=1, global_batch_size=2)
-KILL_DURING_LAST_SAVE = {"CUMO_TEST_KILL_DURING_SAVE": "4"}
+KILL_DURING_LAST_SAVE = ["--kill-during-save", "4"]
 
 
 def _same_rows(a: list[dict], b: list[dict]) -> None:
@@ -56,7 +56,7 @@ def _same_rows(a: list[dict], b: list[dict]) -> None:
 
 def _killed_mid_save(config, save_dir, nproc: int) -> dict:
     """Run ``config`` until SIGKILLed while saving checkpoint 4; what it left behind."""
-    proc = launch(config, nproc=nproc, env=KILL_DURING_LAST_SAVE)
+    proc = launch(config, nproc=nproc, faults=KILL_DURING_LAST_SAVE)
     return {
         "returncode": proc.returncode,
         "output": proc.stdout + proc.stderr,
@@ -75,7 +75,7 @@ def _killed_then_resumed(cfg: ExperimentConfig, root) -> dict:
     out = dict(root=root, config=config, save=save, **_killed_mid_save(config, save, nproc=1))
     assert out["returncode"] == KILLED, out["output"][-4000:]
     set_cpu_threads()  # the threads the entry point gives a world of one (results depend on them)
-    trainer = Trainer(load_config(ExperimentConfig, config), hooks=TestHooks())
+    trainer = Trainer(load_config(ExperimentConfig, config))
     trainer.train()
     out["resumed_from"] = trainer.resume_from
     out["resumed"] = read_metrics(save)  # steps 1-2 of the killed run, 3-4 of the resumed one

@@ -12,7 +12,7 @@ import torch
 from cumo_megatron.config.loader import ConfigError
 from cumo_megatron.moe.stats import collect_moe_stats
 from cumo_megatron.training import stages
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from tests.training.workers import experiment, tiny_model
 
 
@@ -55,7 +55,7 @@ def test_verify_frozen_sees_one_bit():
 def test_stage1_updates_only_the_connector(dataset, tmp_path):
     cfg = experiment(dataset, str(tmp_path / "s1"), stage=1, train_steps=1, save_interval=0, lr=1e-2,
                      warmup_fraction=0.0)
-    trainer = Trainer(cfg, hooks=TestHooks()).setup()
+    trainer = Trainer(cfg).setup()
     before = _params(trainer.model)
     frozen = stages.snapshot_frozen(trainer.model)
     assert frozen and all(not name.startswith("connector.") for name in frozen)
@@ -90,11 +90,11 @@ def test_stage1_resumes_exactly_with_frozen_weights_from_the_checkpoint(dataset,
     platform.initialize(platform.ParallelSizes(), seed=7)
     dist_checkpointing.save(build_model(tiny_model(stage=1), ParallelConfig()).sharded_state_dict(), str(init))
     steps = dict(stage=1, train_steps=4, save_interval=2, keep_last=2, lr=1e-2, warmup_fraction=0.0, load=str(init))
-    straight = Trainer(experiment(dataset, str(tmp_path / "straight"), **steps), hooks=TestHooks())
+    straight = Trainer(experiment(dataset, str(tmp_path / "straight"), **steps))
     straight.train()
     resumed_dir = tmp_path / "resumed"
     left_after_save(tmp_path / "straight", resumed_dir, 2)  # as a run killed after checkpoint 2
-    resumed = Trainer(experiment(dataset, str(resumed_dir), **steps), hooks=TestHooks())
+    resumed = Trainer(experiment(dataset, str(resumed_dir), **steps))
     resumed.train()
     assert resumed.resume_from == iteration_dir(resumed_dir, 2)
     want, got = read_metrics(tmp_path / "straight"), read_metrics(resumed_dir)
@@ -107,13 +107,12 @@ def test_stage1_resumes_exactly_with_frozen_weights_from_the_checkpoint(dataset,
 
 def test_stage3_starts_from_upcycled_stage2_and_trains_experts_apart(dataset, tmp_path):
     stage2 = Trainer(experiment(dataset, str(tmp_path / "s2"), stage=2, train_steps=1, save_interval=0,
-                                warmup_fraction=0.0),
-                     hooks=TestHooks())
+                                warmup_fraction=0.0))
     stage2.train()
     dense = stage2.model
     cfg3 = experiment(dataset, str(tmp_path / "s3"), stage=3, train_steps=2, save_interval=0,
                       warmup_fraction=0.0, load=str(tmp_path / "s2"))
-    stage3 = Trainer(cfg3, hooks=TestHooks()).setup()
+    stage3 = Trainer(cfg3).setup()
     assert sorted(stage3.load_report["upcycled"]) == ["connector", "vision"]
     moe = stage3.model
     batch = next(iter(stage3.loader.epoch()))

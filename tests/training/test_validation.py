@@ -24,7 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cumo_megatron.config.loader import ConfigError, parse_cli
 from cumo_megatron.config.schema import ExperimentConfig
 from cumo_megatron.platform.distributed import set_cpu_threads
-from cumo_megatron.training.loop import TestHooks, Trainer
+from cumo_megatron.training.loop import Trainer
 from cumo_megatron.training.metrics import is_training_row
 from cumo_megatron.training.validation import PADDING, STAND_IN, due, eval_plan
 from tests.helpers.distributed import run_distributed
@@ -91,7 +91,7 @@ def world_one(dataset, init_weights, eval_file, tmp_path_factory) -> dict:
     save = tmp_path_factory.mktemp("val1") / "run"
     cfg = _held(dataset, eval_file, init_weights, save)
     set_cpu_threads()
-    trainer = Trainer(cfg, hooks=TestHooks())
+    trainer = Trainer(cfg)
     trainer.train()
     return {"rows": trainer.validation_rows, "file": read_metrics(save),
             "reference": _plain_forward(trainer.model, cfg)}
@@ -170,7 +170,7 @@ def resumed(dataset, init_weights, eval_file, tmp_path_factory) -> dict:
     cfg.train.eval_interval = 1
     out = _killed_then_resumed(cfg, root)
     plain.train.save = str(root / "plain")
-    Trainer(plain, hooks=TestHooks()).train()
+    Trainer(plain).train()
     out["plain"] = read_metrics(root / "plain")
     return out
 

@@ -123,25 +123,27 @@ def _kill_marked(mark: str) -> None:
             continue
 
 
-def launch(config: Path, overrides: list[str] = (), nproc: int = 1, env: dict | None = None,
+def launch(config: Path, overrides: list[str] = (), nproc: int = 1, faults: list[str] = (),
            timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``cumo_megatron.train`` on ``nproc`` processes; return the finished process.
+
+    ``faults`` (``["--kill-during-save", "4"]``): run it wrapped by `tests.training.faults`.
 
     The run gets its own session, and whatever is left of it afterwards is killed: a rank killed
     with SIGKILL orphans megatron's checkpoint-writer helper processes (a multiprocessing manager),
     which would otherwise live on. Output goes to files, not pipes, for the same reason (an orphan
     holding a pipe would keep it open).
     """
+    entry = ["tests.training.faults", *faults, "--"] if faults else ["cumo_megatron.train"]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "cumo_megatron.train"]
+        cmd = [sys.executable, "-m", *entry]
     else:
         # As the stage scripts launch: torchrun that exits with the failed rank's status.
         cmd = [sys.executable, "-m", "cumo_megatron.torchrun", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "cumo_megatron.train"]
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", *entry]
     cmd += ["--config", str(config), *overrides]
     full_env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     full_env.setdefault("OMP_NUM_THREADS", "1")
-    full_env.update(env or {})
     full_env[_LAUNCH_MARK] = uuid.uuid4().hex  # inherited by every process of this run
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=err, start_new_session=True)
@@ -200,7 +202,7 @@ def train_in_process(runs: list[dict]) -> list[dict]:
 
     from cumo_megatron.config.loader import ConfigError, parse_cli
     from cumo_megatron.config.schema import ExperimentConfig
-    from cumo_megatron.training.loop import TestHooks, Trainer
+    from cumo_megatron.training.loop import Trainer
 
     done = []
     for run in runs:
@@ -211,12 +213,12 @@ def train_in_process(runs: list[dict]) -> list[dict]:
             torch.distributed.barrier()
         if run.get("expect_error"):
             try:
-                Trainer(cfg, hooks=TestHooks()).setup()
+                Trainer(cfg).setup()
             except ConfigError as exc:
                 done.append({"error": type(exc).__name__, "message": str(exc)})
                 continue
             raise AssertionError(f"{run} was expected to fail in setup")
-        trainer = Trainer(cfg, hooks=TestHooks()).setup()
+        trainer = Trainer(cfg).setup()
         trainer.train()
         done.append({"resumed_from": trainer.resume_from, "iteration": trainer.iteration,
                      "upcycled": trainer.load_report["upcycled"] if trainer.load_report else None,
