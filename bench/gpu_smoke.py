@@ -11,11 +11,13 @@ A world of one (`cumo_megatron.platform.initialize`: nccl on CUDA, gloo on the C
    on the GPU, so the CPU reference needs a process of its own. It writes the initial weights,
    which this process loads into its bf16 model. Check: the first `COMPARE_STEPS` LM losses agree
    within `FIRST_STEP_TOLERANCE` (step 1) and `TOLERANCE` (later steps), relative.
-2. **save and reload** (tiny, bf16, on the device): 2 steps, `training.checkpointing.save_checkpoint`,
-   steps 3-4; a fresh model and optimizer `load_checkpoint` the save and run steps 3-4 again, with
-   deterministic algorithms on. Check: step 3 identical, step 4 within `RELOAD_TOLERANCE`
-   (bit-exact is expected on one device and reported as ``bit_exact``; a lost optimizer state
-   shows as ~0.5).
+2. **save and reload** (tiny, bf16, on the device): 2 steps, `training.checkpointing.save_checkpoint`
+   and an asynchronous save of the same state (`training.async_save`, as ``train.async_save``
+   does it: staged, written by a forked process while steps 3-4 update the weights, committed
+   after them), steps 3-4; a fresh model and optimizer `load_checkpoint` each save and run steps
+   3-4 again, with deterministic algorithms on. Check: step 3 identical, step 4 within
+   `RELOAD_TOLERANCE` (bit-exact is expected on one device and reported as ``bit_exact``; a lost
+   optimizer state shows as ~0.5), for both saves.
 3. **throughput** (shape ``1b``): a ~1B-parameter CuMo (`big_shape`: CLIP-B/16-like ViT with
    4-expert top-2 MoE MLPs, MoE connector, a 24-layer GQA LLM of width 1536), bf16, the local
    spec, and the Transformer Engine spec too when ``transformer_engine`` imports. Warm-up steps
@@ -364,23 +366,34 @@ def save_reload(out: Path) -> dict:
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        path, continued, save_s = _train_save_continue(out)
+        path, async_path, continued, save_s, async_timing = _train_save_continue(out)
         reloaded, load_s = _reload_and_continue(path)
+        reloaded_async, _ = _reload_and_continue(async_path)
     finally:
         torch.use_deterministic_algorithms(previous)
     diff = max(abs(a - b) for a, b in zip(continued, reloaded))
     step4_rel = abs(reloaded[1] - continued[1]) / abs(continued[1])
-    log(f"save/reload: steps 3-4 continued {continued}, reloaded {reloaded}, max |diff| {diff:.3e}")
+    async_diff = max(abs(a - b) for a, b in zip(continued, reloaded_async))
+    async_step4_rel = abs(reloaded_async[1] - continued[1]) / abs(continued[1])
+    log(f"save/reload: steps 3-4 continued {continued}, reloaded {reloaded}, max |diff| {diff:.3e}; "
+        f"from the asynchronous save {reloaded_async}, max |diff| {async_diff:.3e}")
     return {"steps": [3, 4], "lm_loss_continued": continued, "lm_loss_reloaded": reloaded,
             "max_abs_diff": diff, "bit_exact": diff == 0.0, "step4_rel_diff": step4_rel,
             "step4_tolerance": RELOAD_TOLERANCE, "save_s": save_s, "load_s": load_s,
-            "pass": continued[0] == reloaded[0] and step4_rel <= RELOAD_TOLERANCE}
+            "async": {"lm_loss_reloaded": reloaded_async, "max_abs_diff": async_diff,
+                      "bit_exact": async_diff == 0.0, "step4_rel_diff": async_step4_rel,
+                      "blocked_s": async_timing.blocked_s, "save_s": async_timing.total_s},
+            "pass": (continued[0] == reloaded[0] and step4_rel <= RELOAD_TOLERANCE
+                     and continued[0] == reloaded_async[0] and async_step4_rel <= RELOAD_TOLERANCE)}
 
 
-def _train_save_continue(out: Path) -> tuple[Path, list[float], float]:
-    """Tiny bf16 from the reference's initial weights: 2 steps, save, 2 more; (checkpoint, losses 3-4, save s)."""
+def _train_save_continue(out: Path) -> tuple[Path, Path, list[float], float, object]:
+    """Tiny bf16 from the reference's initial weights: 2 steps, a synchronous and an asynchronous
+    save, 2 more steps while the asynchronous one is written; (checkpoint, asynchronous
+    checkpoint, losses 3-4, save s, the asynchronous save's `SaveTiming`)."""
     import cumo_megatron.platform as platform
     from cumo_megatron.training import checkpointing
+    from cumo_megatron.training.async_save import AsyncCheckpointSaver
 
     model_cfg = tiny_model("bf16")
     batches = batches_for(model_cfg, TINY)
@@ -391,10 +404,16 @@ def _train_save_continue(out: Path) -> tuple[Path, list[float], float]:
     path = checkpointing.save_checkpoint(out / "ckpt", 2, first.model, first.optimizer, None, None,
                                          {"iteration": 2}, model_cfg=model_cfg)
     save_s = time.perf_counter() - start
-    continued = train_steps(first, batches, TINY, 2)
+    saver, timings = AsyncCheckpointSaver(), []
+    async_path = saver.save(
+        lambda: checkpointing.stage_save(out / "ckpt_async", 2, first.model, first.optimizer, None, None,
+                                         {"iteration": 2}, model_cfg=model_cfg, asynchronous=True),
+        checkpointing.commit_save, lambda _path, timing: timings.append(timing))
+    continued = train_steps(first, batches, TINY, 2)  # the weights change while the write goes on
+    saver.wait()
     del first
     release_memory()
-    return path, continued, save_s
+    return path, async_path, continued, save_s, timings[0]
 
 
 def _reload_and_continue(path: Path) -> tuple[list[float], float]:

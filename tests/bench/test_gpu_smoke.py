@@ -59,6 +59,9 @@ def test_save_and_reload_reproduce_the_losses_exactly(report):
     assert reload["steps"] == [3, 4]
     assert reload["lm_loss_continued"] == reload["lm_loss_reloaded"]
     assert reload["max_abs_diff"] == 0.0 and reload["bit_exact"] is True  # on the CPU: exact
+    # The asynchronous save, written while steps 3-4 changed the weights, holds step 2's state.
+    assert reload["async"]["lm_loss_reloaded"] == reload["lm_loss_continued"] and reload["async"]["bit_exact"]
+    assert 0 < reload["async"]["blocked_s"] <= reload["async"]["save_s"]
 
 
 def test_throughput_figures_of_the_cpu_standin(report):
