@@ -24,6 +24,7 @@ from cumo_megatron.config.presets import tiny
 from cumo_megatron.config.schema import ExperimentConfig, ParallelConfig
 from cumo_megatron.quickstart import run as quickstart
 from cumo_megatron.research import ablate
+from cumo_megatron.training.metrics import is_training_row
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "ablate.py"
@@ -222,7 +223,8 @@ def test_end_to_end_table_matches_the_runs(ablation):
         expected_accuracy = _accuracy(vdir / "answers.jsonl", Path(info["files"]["eval.json"]))
         assert row["accuracy"] == pytest.approx(expected_accuracy, abs=1e-12)
         assert row["n"] == 2 * SETTINGS.n_eval
-        metrics = [json.loads(x) for x in (vdir / "ckpt" / "stage3" / "metrics.jsonl").read_text().splitlines() if x]
+        metrics = [m for m in (json.loads(x) for x in (vdir / "ckpt" / "stage3" / "metrics.jsonl").read_text().splitlines()
+                               if x) if is_training_row(m)]  # not the validation and checkpoint rows
         last = metrics[-SETTINGS.last_steps:]
         assert row["final_lm_loss"] == pytest.approx(np.mean([m["lm_loss"] for m in last]), rel=1e-12)
         if row["variant"] == "stage2_start":  # the stage-2 checkpoint, scored without any stage 3
@@ -292,8 +294,8 @@ def test_tool_prints_the_table_and_a_json_last_line(ablation):
     assert [r["variant"] for r in last["rows"]] == ["stage2_start", "upcycled_aux"]
     assert [r["accuracy"] for r in last["rows"]] == [r["accuracy"] for r in rows]
     # --last-steps is analysis only: the same runs, re-read over the last step alone.
-    metrics = [json.loads(x) for x in (out / "variants" / "upcycled_aux" / "ckpt" / "stage3" / "metrics.jsonl")
-               .read_text().splitlines() if x]
+    metrics = [m for m in (json.loads(x) for x in (out / "variants" / "upcycled_aux" / "ckpt" / "stage3" / "metrics.jsonl")
+                           .read_text().splitlines() if x) if is_training_row(m)]
     assert last["rows"][1]["final_lm_loss"] == pytest.approx(metrics[-1]["lm_loss"], rel=1e-12)
     assert lines[0].startswith("| variant |")
     bad = subprocess.run([sys.executable, str(TOOL), "--out", str(out), "--variants", "nope", "--quiet"],
