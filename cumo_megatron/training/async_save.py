@@ -139,26 +139,41 @@ def _kill_tree(pid: int, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGSTOP)  # no new helper while we look for them
     except ProcessLookupError:
         return
-    helpers = _descendants(pid)
-    for child in helpers + [pid]:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    # Not our children: we cannot wait for them, only watch them die (a killed signal is
-    # delivered asynchronously).
     deadline = time.monotonic() + timeout
-    while any(_running(child) for child in helpers) and time.monotonic() < deadline:
+    # A signal takes effect asynchronously: until the writer is seen stopped it may still fork a
+    # helper, which a look at its children made now would miss.
+    while _state(pid) not in (None, "T", "t", "Z", "X") and time.monotonic() < deadline:
+        time.sleep(0.005)
+    helpers: set[int] = set()
+    while True:  # helpers first, while the stopped writer still parents them
+        found = set(_descendants(pid)) - helpers
+        if not found:
+            break
+        for child in found:
+            _kill(child)
+        helpers |= found
+    _kill(pid)
+    # Not our children: we cannot wait for them, only watch them die (a kill is delivered
+    # asynchronously).
+    while any(_state(child) not in (None, "Z", "X") for child in helpers) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _state(pid: int) -> Optional[str]:
+    """``pid``'s state letter (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), None when it is
+    gone (Linux ``/proc``)."""
     try:
         stat = (Path("/proc") / str(pid) / "stat").read_text()
     except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+        return None
+    return stat.rpartition(")")[2].split()[0]
 
 
 def _descendants(pid: int) -> list[int]:
