@@ -472,7 +472,8 @@ class Trainer:
         # With overlapped parameter gathers the last step's updated weights reach the model only in
         # the next forward: gather them now (megatron-LM does the same around its saves).
         with params_gathered(self.ddp):
-            path = self._save_checkpoint(before_commit)
+            path = checkpointing.commit_save(self._stage_checkpoint(asynchronous=False),
+                                             self.cfg.train.keep_last, before_commit)
         blocked = time.perf_counter() - start
         self.provenance = path  # carries the same records; the older checkpoint may be pruned
         self._write_skipped_report()
@@ -495,7 +496,7 @@ class Trainer:
         # Staged and handed to the writer inside the gather: with CUDA megatron copies the tensors
         # to host memory as the writer starts; on CPU the fork is the snapshot.
         with params_gathered(self.ddp):
-            path = self.saver.save(self._stage_checkpoint,
+            path = self.saver.save(lambda: self._stage_checkpoint(asynchronous=True),
                                    lambda staged: checkpointing.commit_save(staged, keep_last, before_commit),
                                    committed)
         # This iteration's counts, as a synchronous save writes them (the report is not part of
@@ -516,17 +517,18 @@ class Trainer:
         if final and self.rank == 0:
             print(skipped_report.summary_line(report, path), flush=True)
 
-    def _save_checkpoint(self, before_commit) -> Path:
-        return checkpointing.save_checkpoint(
-            self.out, self.iteration, self.model, self.optimizer, self.scheduler, self.loader,
-            self._train_state(), keep_last=self.cfg.train.keep_last, before_commit=before_commit,
-            **self._checkpoint_files(),
-        )
+    def _stage_checkpoint(self, asynchronous: bool) -> checkpointing.StagedSave:
+        """Everything of this iteration's checkpoint under ``iter_N.tmp`` (`checkpointing.stage_save`)."""
+        from cumo_megatron.checkpoint.assets import GenerationSettings, write_generation_assets
 
-    def _stage_checkpoint(self) -> checkpointing.StagedSave:
+        data = self.cfg.data
+        settings = GenerationSettings(template=data.template, aspect=data.aspect)
         return checkpointing.stage_save(
             self.out, self.iteration, self.model, self.optimizer, self.scheduler, self.loader,
-            self._train_state(), asynchronous=True, **self._checkpoint_files(),
+            self._train_state(), model_cfg=self.cfg.model, provenance=self.provenance,
+            # What generation needs: the tokenizer, template and aspect this run's data used.
+            generation_assets=lambda path: write_generation_assets(path, data.tokenizer, settings),
+            asynchronous=asynchronous,
         )
 
     def _train_state(self) -> dict:
@@ -538,19 +540,6 @@ class Trainer:
             "overflow_steps": self.overflow_steps,
             "stage": self.cfg.train.stage,
         }
-
-    def _checkpoint_files(self) -> dict:
-        """What a checkpoint carries beside the state: the model config, provenance, generation assets."""
-        from cumo_megatron.checkpoint.assets import GenerationSettings, write_generation_assets
-
-        data = self.cfg.data
-        settings = GenerationSettings(template=data.template, aspect=data.aspect)
-        return dict(
-            model_cfg=self.cfg.model,
-            provenance=self.provenance,
-            # What generation needs: the tokenizer, template and aspect this run's data used.
-            generation_assets=lambda path: write_generation_assets(path, data.tokenizer, settings),
-        )
 
 
 def run(cfg: ExperimentConfig, events: Optional[TrainingEvents] = None) -> list[dict]:
